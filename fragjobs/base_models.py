@@ -1,0 +1,272 @@
+"""Load a diffusers text-to-image pipeline and give it an identity.
+
+A base model is named by a built-in name (``tiny-sd``, ``sd15-shape``), a local diffusers
+folder (one with ``model_index.json``) or a hub id (only when the hub is reachable). Its id is
+a sha256 over its weights plus its name (DESIGN §3):
+
+* a folder: every weight file (``*.safetensors``, ``*.bin``, ``*.ckpt``), sorted by relative
+  path, streamed; cached per (path, size, mtime) in ``<data_dir>/base_hashes.json``;
+* a built-in: every tensor of every component's ``state_dict`` (sorted by name; name, dtype,
+  shape and bytes), cached per (name, torch version, diffusers version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fragjobs.builtin import BUILTINS
+from fragjobs.config import Settings, get_settings
+from fragjobs.errors import InvalidInputError, UnknownModelError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+_BASE_ATTR = "_fragjobs_base"
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """Who a pipeline is: ``name`` (as given), ``sha256`` (its id) and ``source``."""
+
+    name: str
+    sha256: str
+    source: str
+    height: int
+    width: int
+    default_steps: int
+
+
+@dataclass
+class LoadedBase:
+    """A loaded pipeline together with its identity."""
+
+    pipe: Any
+    info: BaseModelInfo
+
+
+def available_models(settings: Settings | None = None) -> list[str]:
+    """Built-in names plus diffusers folders under ``<data_dir>/models``."""
+    settings = settings or get_settings()
+    names = sorted(BUILTINS)
+    models_dir = settings.data_dir / "models"
+    if models_dir.is_dir():
+        names += sorted(str(p) for p in models_dir.iterdir() if (p / "model_index.json").is_file())
+    return names
+
+
+def load_base(
+    model: str,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    settings: Settings | None = None,
+) -> LoadedBase:
+    """Load ``model`` (built-in name, local folder or hub id) and compute its identity.
+
+    Raises:
+        InvalidInputError: ``model`` is not a non-empty string.
+        UnknownModelError: nothing of that name exists; the message lists what does.
+    """
+    settings = settings or get_settings()
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidInputError(f"model must be a non-empty string, got {model!r}")
+    model = model.strip()
+    if model in BUILTINS:
+        spec = BUILTINS[model]
+        pipe = spec.build()
+        sha = _cached_hash(
+            ("builtin", model, torch.__version__, _diffusers_version()),
+            settings,
+            lambda: _hash_state_dicts(pipe, model),
+        )
+        info = BaseModelInfo(
+            model, sha, f"builtin:{model}", spec.height, spec.width, spec.default_steps
+        )
+    elif Path(model).expanduser().is_dir():
+        pipe, info = _load_folder(Path(model).expanduser().resolve(), settings)
+    elif Path(model).suffix or model.startswith((".", "/", "~")):
+        raise UnknownModelError(_unknown_message(model, settings))
+    else:
+        pipe, info = _load_hub(model, settings)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(resolve_device(device or settings.device))
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    setattr(pipe, _BASE_ATTR, info)
+    return LoadedBase(pipe, info)
+
+
+def identify(pipe: Any, settings: Settings | None = None) -> BaseModelInfo:
+    """The identity of a pipeline: the one recorded by ``load_base``, else its folder's hash.
+
+    Raises:
+        UnknownModelError: the pipeline was not loaded by fragjobs nor from a local folder.
+    """
+    info = getattr(pipe, _BASE_ATTR, None)
+    if isinstance(info, BaseModelInfo):
+        return info
+    path = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
+    if path and Path(path).is_dir():
+        info = _folder_info(Path(path).resolve(), settings or get_settings(), pipe)
+        setattr(pipe, _BASE_ATTR, info)
+        return info
+    raise UnknownModelError(
+        "cannot identify this pipeline's base model: load it with fragjobs.load_base(...) "
+        "or DiffusionPipeline.from_pretrained(<local folder>)"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def hash_weight_files(folder: Path, name: str) -> str:
+    """sha256 over the folder's weight files (sorted relative paths, streamed) plus ``name``."""
+    digest = hashlib.sha256(f"fragjobs-base-v1:{name}\n".encode())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise UnknownModelError(f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    for path in files:
+        digest.update(f"{path.relative_to(folder).as_posix()}\n".encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_state_dicts(pipe: Any, name: str) -> str:
+    digest = hashlib.sha256(f"fragjobs-base-v1:{name}\n".encode())
+    for component in _COMPONENTS:
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        for key, tensor in sorted(module.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{component}.{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached_hash(cache_key: tuple, settings: Settings, compute) -> str:
+    path = settings.data_dir / "base_hashes.json"
+    key = json.dumps(cache_key)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    value = compute()
+    cache[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation; a read-only data dir only costs a re-hash
+    return value
+
+
+def _folder_info(folder: Path, settings: Settings, pipe: Any) -> BaseModelInfo:
+    stats = [
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    ]
+    name = folder.name
+    sha = _cached_hash(
+        ("folder", str(folder), stats), settings, lambda: hash_weight_files(folder, name)
+    )
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    size = int(getattr(pipe.unet.config, "sample_size", 64)) * scale
+    return BaseModelInfo(name, sha, f"folder:{folder}", size, size, 20)
+
+
+def _load_folder(folder: Path, settings: Settings) -> tuple[Any, BaseModelInfo]:
+    from diffusers import DiffusionPipeline
+
+    if not (folder / "model_index.json").is_file():
+        raise UnknownModelError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json). "
+            + _unknown_message(str(folder), settings)
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UnknownModelError(f"cannot load pipeline folder {folder}: {exc}") from exc
+    _require_unet(pipe, str(folder))
+    return pipe, _folder_info(folder, settings, pipe)
+
+
+def _load_hub(model_id: str, settings: Settings) -> tuple[Any, BaseModelInfo]:
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(
+            snapshot_download(
+                model_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]
+            )
+        )
+    except Exception as exc:  # the hub client raises many unrelated types when offline
+        raise UnknownModelError(
+            _unknown_message(model_id, settings) + f" (hub lookup failed: {type(exc).__name__})"
+        ) from exc
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    _require_unet(pipe, model_id)
+    info = _folder_info(folder, settings, pipe)
+    return pipe, BaseModelInfo(
+        model_id, info.sha256, f"hub:{model_id}", info.height, info.width, info.default_steps
+    )
+
+
+def _require_unet(pipe: Any, name: str) -> None:
+    if getattr(pipe, "unet", None) is None:
+        raise UnknownModelError(f"{name} is not a UNet text-to-image pipeline (SD 1.x/2.x/XL)")
+
+
+def _unknown_message(model: str, settings: Settings) -> str:
+    return (
+        f"unknown model {model!r}: not a built-in, a local diffusers folder or a reachable hub id."
+        f" Available: {', '.join(available_models(settings))}"
+    )
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+@torch.no_grad()
+def prompt_embedding(pipe: Any, prompt: str) -> torch.Tensor:
+    """The model's own text embedding of ``prompt`` (pooled, L2-normalised, float32, CPU).
+
+    Used to find a fragment made for a similar prompt (``cosine_clip_text``).
+    """
+    tokens = pipe.tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    encoder = pipe.text_encoder
+    output = encoder(tokens.input_ids.to(encoder.device))
+    pooled = (
+        output.pooler_output
+        if getattr(output, "pooler_output", None) is not None
+        else (output.last_hidden_state.mean(1))
+    )
+    pooled = pooled[0].float().cpu()
+    return pooled / pooled.norm().clamp_min(1e-12)

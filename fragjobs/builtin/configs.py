@@ -1,0 +1,158 @@
+"""Built-in pipelines made offline from configs with seeded random weights.
+
+``tiny-sd``
+    An SD-architecture pipeline small enough for tests: 64×64 images, 32×32×4 latents, a UNet
+    with four heads in every attention module, a 2-layer CLIP text encoder and the byte-level
+    tokenizer. Images are noise-like; the code path is the real one.
+``sd15-shape``
+    Stable Diffusion 1.5's UNet shape (860 M parameters, 8 heads, 768-d cross-attention) with
+    random weights, for timing. The text encoder and VAE are small stand-ins with the right
+    interfaces (768-d context, 4-channel latents, 8× down-sampling) because fragjobs edits only
+    the UNet and a full-size VAE would only dilute the measured ratios.
+
+Both are deterministic across processes: each component is initialised under its own fixed
+seed inside ``torch.random.fork_rng`` so the caller's RNG state is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from fragjobs.builtin.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """A built-in model: how to build it and its default generation size."""
+
+    name: str
+    description: str
+    build: Callable[[], StableDiffusionPipeline]
+    height: int
+    width: int
+    default_steps: int
+
+
+def _seeded(seed: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = factory()
+    return module.eval()
+
+
+def _text_encoder(hidden: int, layers: int, heads: int, seed: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=77,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        projection_dim=hidden,
+    )
+    return _seeded(seed, lambda: CLIPTextModel(config))
+
+
+def _scheduler() -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+
+
+def _assemble(unet, vae, text_encoder) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_byte_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd() -> StableDiffusionPipeline:
+    """The ``tiny-sd`` pipeline (about 2 M parameters)."""
+    unet = _seeded(
+        1,
+        lambda: UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=(4, 4),  # diffusers' name for the number of heads
+            norm_num_groups=8,
+        ),
+    )
+    vae = _seeded(
+        2,
+        lambda: AutoencoderKL(
+            block_out_channels=(16, 32),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+        ),
+    )
+    return _assemble(unet, vae, _text_encoder(64, 2, 4, seed=3))
+
+
+def build_sd15_shape() -> StableDiffusionPipeline:
+    """The ``sd15-shape`` pipeline: SD 1.5's UNet shape, small text encoder and VAE."""
+    unet = _seeded(
+        11,
+        lambda: UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+    )
+    vae = _seeded(
+        12,
+        lambda: AutoencoderKL(
+            block_out_channels=(16, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=512,
+        ),
+    )
+    return _assemble(unet, vae, _text_encoder(768, 1, 12, seed=13))
+
+
+BUILTINS: dict[str, BuiltinSpec] = {
+    "tiny-sd": BuiltinSpec(
+        "tiny-sd", "SD-architecture toy, seeded random weights (tests)", build_tiny_sd, 64, 64, 10
+    ),
+    "sd15-shape": BuiltinSpec(
+        "sd15-shape",
+        "SD 1.5 UNet shape, random weights (timing only)",
+        build_sd15_shape,
+        256,
+        256,
+        4,
+    ),
+}

@@ -1,0 +1,165 @@
+"""Head pruning: choose heads from a profile and physically remove the others.
+
+Pruning slices the rows of ``to_q``/``to_k``/``to_v`` and the columns of ``to_out[0]`` that
+belong to removed heads and updates ``heads``/``inner_dim``, so the pruned UNet holds fewer
+parameters and does fewer FLOPs. It cannot be undone in place (the removed weights are gone):
+reload the base model instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fragjobs.errors import InvalidInputError, IrreversibleChangeError
+from fragjobs.keys import check_fraction, check_int
+
+HEAD_PRUNING_EDIT = "fragjobs.head_pruning"
+_EDITS_ATTR = "_fragjobs_edits"
+
+
+@dataclass(frozen=True)
+class HeadSelectionConfig:
+    """How heads are chosen from a profile.
+
+    Args:
+        threshold: fraction of heads to keep, in (0, 1]: heads scoring at or above the
+            ``1 - threshold`` quantile of all head scores are kept (1.0 keeps every head).
+        min_heads_per_layer: every attention module keeps at least this many heads.
+        rank_margin: a head whose within-module rank moves by more than this fraction of
+            the module's heads (std across seeds) is kept as a safety margin.
+    """
+
+    threshold: float = 0.75
+    min_heads_per_layer: int = 1
+    rank_margin: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_fraction(self.threshold, "threshold")
+        check_int(self.min_heads_per_layer, "min_heads_per_layer", minimum=1, maximum=1024)
+        if not isinstance(self.rank_margin, int | float) or not 0 <= self.rank_margin <= 1:
+            raise InvalidInputError(f"rank_margin must be in [0, 1], got {self.rank_margin!r}")
+
+
+@dataclass(frozen=True)
+class HeadPruningConfig:
+    """Which heads each attention module keeps (module name → sorted head indices)."""
+
+    keep: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    reasons: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, heads in self.keep.items():
+            if not heads:
+                raise InvalidInputError(f"{name}: a module must keep at least one head")
+            if list(heads) != sorted(set(heads)):
+                raise InvalidInputError(f"{name}: kept heads must be sorted and distinct")
+
+
+def select_heads(
+    scores: dict[str, torch.Tensor],
+    rank_std: dict[str, torch.Tensor],
+    config: HeadSelectionConfig,
+) -> HeadPruningConfig:
+    """Choose the heads to keep from per-head scores and rank instability."""
+    if not scores:
+        raise InvalidInputError("the profile has no attention heads to select from")
+    everything = torch.cat([s.flatten() for s in scores.values()])
+    cut = torch.quantile(everything.double(), 1.0 - config.threshold).item()
+    keep, reasons = {}, {}
+    for name in sorted(scores):
+        score = scores[name]
+        by_score = {int(h) for h in torch.nonzero(score >= cut).flatten()}
+        unstable = {int(h) for h in torch.nonzero(rank_std[name] > config.rank_margin).flatten()}
+        minimum = {int(h) for h in score.argsort(descending=True)[: config.min_heads_per_layer]}
+        kept = by_score | unstable | minimum
+        keep[name] = tuple(sorted(kept))
+        reasons[name] = {
+            "score": sorted(by_score),
+            "unstable_rank": sorted(unstable - by_score),
+            "min_per_layer": sorted(minimum - by_score - unstable),
+        }
+    return HeadPruningConfig(keep=keep, reasons=reasons)
+
+
+def apply_head_pruning_(unet: nn.Module, config: HeadPruningConfig) -> dict[str, int]:
+    """Physically remove the heads not kept by ``config``, in place.
+
+    Returns:
+        ``{"heads_before", "heads_after", "params_before", "params_after"}``.
+
+    Raises:
+        InvalidInputError: a module name is unknown or a head index is out of range.
+    """
+    from fragjobs.profiling import attention_modules
+
+    modules = attention_modules(unet)
+    unknown = sorted(set(config.keep) - set(modules))
+    if unknown:
+        raise InvalidInputError(f"unknown attention modules in pruning config: {unknown[:3]}")
+    params_before = sum(p.numel() for p in unet.parameters())
+    heads_before = sum(m.heads for m in modules.values())
+    for name, kept in config.keep.items():
+        attn = modules[name]
+        if max(kept) >= attn.heads:
+            raise InvalidInputError(f"{name}: head {max(kept)} out of range ({attn.heads} heads)")
+        if len(kept) < attn.heads:
+            _prune_attention(attn, list(kept))
+    record_edit(unet, HEAD_PRUNING_EDIT)
+    return {
+        "heads_before": heads_before,
+        "heads_after": sum(m.heads for m in modules.values()),
+        "params_before": params_before,
+        "params_after": sum(p.numel() for p in unet.parameters()),
+    }
+
+
+def remove_head_pruning(unet: nn.Module) -> None:
+    """Always raises: pruned weights are gone. Reload the base model to get them back."""
+    if HEAD_PRUNING_EDIT in getattr(unet, _EDITS_ATTR, ()):
+        raise IrreversibleChangeError(
+            "head pruning removed weights physically and cannot be undone; reload the base "
+            "model (fragjobs.load_base) to get the full UNet back"
+        )
+
+
+def _prune_attention(attn: nn.Module, kept: list[int]) -> None:
+    head_dim = attn.to_q.out_features // attn.heads
+    index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
+    index = index.to(attn.to_q.weight.device)
+    for proj in ("to_q", "to_k", "to_v"):
+        setattr(attn, proj, _slice_linear(getattr(attn, proj), rows=index))
+    attn.to_out[0] = _slice_linear(attn.to_out[0], cols=index)
+    attn.heads = len(kept)
+    attn.inner_dim = len(index)
+    attn.inner_kv_dim = len(index)
+
+
+def _slice_linear(layer: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
+    weight = layer.weight.data
+    bias = layer.bias.data if layer.bias is not None else None
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = bias.index_select(0, rows) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    new = new_linear(weight.shape[1], weight.shape[0], bias is not None, weight)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def new_linear(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    """An uninitialised Linear on ``like``'s device and dtype (draws nothing from the RNG)."""
+    layer = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=like.dtype)
+    return layer.to_empty(device=like.device)
+
+
+def record_edit(module: nn.Module, edit: str) -> None:
+    edits = list(getattr(module, _EDITS_ATTR, ()))
+    if edit not in edits:
+        edits.append(edit)
+    setattr(module, _EDITS_ATTR, tuple(edits))

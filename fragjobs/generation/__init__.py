@@ -1,0 +1,19 @@
+"""Seed variants in batches, timing and memory figures."""
+
+from fragjobs.generation.generate import (
+    GenerationConfig,
+    generate_images,
+    measure_latency_ms,
+    with_unet,
+)
+from fragjobs.generation.memory import memory_report, peak_rss_bytes, process_rss_bytes
+
+__all__ = [
+    "GenerationConfig",
+    "generate_images",
+    "measure_latency_ms",
+    "memory_report",
+    "peak_rss_bytes",
+    "process_rss_bytes",
+    "with_unet",
+]

@@ -1,0 +1,105 @@
+"""Batched seed variants and warm latency measurement.
+
+Every image is made from its own ``torch.Generator`` seeded with its seed, so a seed gives the
+same image whatever batch it falls in (up to float rounding of batched kernels).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fragjobs.keys import check_int, check_seeds, normalise_prompt
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings shared by full model and fragment (same steps, same guidance)."""
+
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "steps", minimum=1, maximum=1000)
+        check_int(self.batch_size, "batch_size", minimum=1, maximum=1024)
+        check_int(self.height, "height", minimum=8, maximum=4096)
+        check_int(self.width, "width", minimum=8, maximum=4096)
+
+
+def with_unet(pipe: Any, unet: torch.nn.Module) -> Any:
+    """A pipeline of the same class sharing every component but ``unet``."""
+    components = {**pipe.components, "unet": unet}
+    new = type(pipe)(**components)
+    new.set_progress_bar_config(disable=True)
+    for attr in ("_fragjobs_base",):
+        if hasattr(pipe, attr):
+            setattr(new, attr, getattr(pipe, attr))
+    return new
+
+
+@torch.no_grad()
+def generate_images(
+    pipe: Any,
+    prompt: str,
+    seeds: list[int],
+    config: GenerationConfig,
+    *,
+    progress: bool = False,
+    desc: str = "generate",
+) -> torch.Tensor:
+    """Generate one image per seed, ``config.batch_size`` at a time.
+
+    Returns:
+        Float tensor (N, 3, H, W) in [0, 1], in the order of ``seeds``.
+    """
+    normalise_prompt(prompt)
+    seeds = check_seeds(seeds)
+    out = []
+    with tqdm(total=len(seeds), desc=desc, disable=not progress, unit="img") as bar:
+        for start in range(0, len(seeds), config.batch_size):
+            batch = seeds[start : start + config.batch_size]
+            images = pipe(
+                prompt,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance_scale,
+                height=config.height,
+                width=config.width,
+                num_images_per_prompt=len(batch),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
+                output_type="pt",
+            ).images
+            out.append(images.float().cpu().clamp(0, 1))
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+def measure_latency_ms(
+    pipe: Any, prompt: str, config: GenerationConfig, *, repeats: int = 3, seed: int = 0
+) -> float:
+    """Median per-image latency (ms) of one warm batch of ``config.batch_size`` images.
+
+    One untimed warm-up batch runs first; CUDA is synchronised around each timed batch.
+    """
+    seeds = list(range(seed, seed + config.batch_size))
+    generate_images(pipe, prompt, seeds, config)
+    timings = []
+    for _ in range(repeats):
+        _sync()
+        started = time.perf_counter()
+        generate_images(pipe, prompt, seeds, config)
+        _sync()
+        timings.append((time.perf_counter() - started) * 1000 / config.batch_size)
+    return statistics.median(timings)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

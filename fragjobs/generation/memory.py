@@ -1,0 +1,35 @@
+"""Memory figures: weight bytes held, peak RSS (CPU) and CUDA max allocated (GPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+import torch
+
+from fragjobs.extraction import weight_bytes
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux ``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_report(full_unet: torch.nn.Module, fragment_unet: torch.nn.Module) -> dict[str, Any]:
+    """Weight bytes of both UNets, plus peak memory of the process or the GPU."""
+    report: dict[str, Any] = {
+        "kind": "unet_weight_bytes",
+        "full_bytes": weight_bytes(full_unet),
+        "fragment_bytes": weight_bytes(fragment_unet),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if torch.cuda.is_available():
+        report["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return report

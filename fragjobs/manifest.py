@@ -1,0 +1,176 @@
+"""Fragment manifest, schema v1 (DESIGN §3).
+
+The eight layers of the seed — ``base_model``, ``profiling``, ``pruning``, ``compression``,
+``quality``, ``performance``, ``reuse``, ``artifacts`` — plus ``dynamic_routing`` (the block
+caching schedule) and ``verified``. ``to_json`` is deterministic (sorted keys, fixed
+indentation): the same inputs give byte-identical JSON except ``created_at`` and the
+``performance.measured_*`` timings.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fragjobs.errors import FragmentIntegrityError, ManifestError
+from fragjobs.keys import sha256_hex, validate_key
+
+SCHEMA_VERSION = 1
+
+
+class _Layer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelLayer(_Layer):
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source: str
+
+
+class ProfilingLayer(_Layer):
+    profile_id: str
+    prompt: str
+    prompt_sha256: str
+    seeds: list[int]
+    steps: int
+    step_stride: int
+    sampled_steps: list[int]
+    guidance_scale: float
+    height: int
+    width: int
+    num_heads: int
+    rank_stability: float | None
+    rank_stability_reason: str | None = None
+
+
+class PruningLayer(_Layer):
+    method: Literal["head_pruning"] = "head_pruning"
+    threshold: float
+    min_heads_per_layer: int
+    rank_margin: float
+    heads_total: int
+    heads_kept: int
+    keep: dict[str, list[int]]
+    reasons: dict[str, dict[str, list[int]]]
+    params_before: int
+    params_after: int
+
+
+class LowRankLayer(_Layer):
+    energy: float
+    max_cost: float
+    layers: dict[str, dict[str, float]]
+
+
+class Int8Layer(_Layer):
+    precision_map: dict[str, Literal["int8", "float"]]
+    max_abs_error: float | None
+    error_bound: str = "per weight |w - q*s| <= max|w_row| / 254"
+
+
+class CompressionLayer(_Layer):
+    low_rank: LowRankLayer | None
+    int8: Int8Layer | None
+    weight_bytes_base: int
+    weight_bytes_fragment: int
+
+
+class QualityLayer(_Layer):
+    seeds: list[int]
+    metrics: dict[str, Any]
+    gate: dict[str, Any]
+    thresholds: dict[str, Any]
+
+
+class PerformanceLayer(_Layer):
+    device: str
+    steps: int
+    batch_size: int
+    measured_latency_full_ms: float | None
+    measured_latency_fragment_ms: float | None
+    measured_speedup: float | None
+
+
+class ReuseLayer(_Layer):
+    similarity: Literal["cosine_clip_text"] = "cosine_clip_text"
+    threshold: float = 0.8
+    embedding_tensor: str = "reuse.prompt_embedding"
+
+
+class ArtifactFile(_Layer):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int
+
+
+class ArtifactsLayer(_Layer):
+    files: dict[str, ArtifactFile]
+
+
+class DynamicRoutingLayer(_Layer):
+    enabled: bool = False
+    schedule: dict[str, list[int]] | None = None
+    reason: str | None = None
+
+
+class FragmentManifest(_Layer):
+    """A fragment's manifest. Build it with ``model_copy(update=...)`` to change a layer."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    key: str
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    base_model: BaseModelLayer
+    profiling: ProfilingLayer
+    pruning: PruningLayer
+    compression: CompressionLayer
+    quality: QualityLayer | None = None
+    performance: PerformanceLayer | None = None
+    reuse: ReuseLayer = Field(default_factory=ReuseLayer)
+    artifacts: ArtifactsLayer
+    dynamic_routing: DynamicRoutingLayer = Field(default_factory=DynamicRoutingLayer)
+    verified: bool = False
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return validate_key(value)
+
+    def to_json(self) -> str:
+        """Deterministic JSON (sorted keys, two-space indent, trailing newline)."""
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    def to_bytes(self) -> bytes:
+        return self.to_json().encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FragmentManifest:
+        """Parse and validate; anything else than a v1 manifest raises ManifestError."""
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+            found = raw.get("schema_version") if isinstance(raw, dict) else None
+            raise ManifestError(f"manifest schema_version must be 1, found {found!r}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ManifestError(f"invalid manifest at {where}: {first['msg']}") from exc
+
+    def verify_artifact(self, filename: str, data: bytes) -> None:
+        """Raise FragmentIntegrityError unless ``data`` matches the recorded hash and size."""
+        entry = self.artifacts.files.get(filename)
+        if entry is None:
+            raise FragmentIntegrityError(f"{self.key}: manifest lists no artifact {filename!r}")
+        actual = sha256_hex(data)
+        if actual != entry.sha256 or len(data) != entry.size:
+            raise FragmentIntegrityError(
+                f"{self.key}: {filename} does not match its manifest "
+                f"(sha256 {actual[:12]}… size {len(data)}, expected {entry.sha256[:12]}… "
+                f"size {entry.size}); the stored fragment is corrupt"
+            )

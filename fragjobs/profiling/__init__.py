@@ -1,0 +1,20 @@
+"""Per-head, per-block and per-layer statistics of a pipeline on one prompt."""
+
+from fragjobs.profiling.processor import ProfilingAttnProcessor, RecordingState
+from fragjobs.profiling.profile import (
+    ProfileConfig,
+    PromptProfile,
+    attention_modules,
+    profile_prompt,
+    unet_blocks,
+)
+
+__all__ = [
+    "ProfileConfig",
+    "ProfilingAttnProcessor",
+    "PromptProfile",
+    "RecordingState",
+    "attention_modules",
+    "profile_prompt",
+    "unet_blocks",
+]

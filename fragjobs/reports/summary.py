@@ -1,0 +1,302 @@
+"""``metrics_summary.json``: one run's measurements and the verdict on hypotheses H1–H5.
+
+Every number in the summary was measured in this run or computed from such numbers; a value
+that was not measured is ``null`` and its hypothesis says ``UNAVAILABLE`` with a reason, never
+``PASS`` (DESIGN §7). Floats are rounded to 6 significant digits; NaN and infinity are refused,
+so the result always passes ``json.dumps(..., allow_nan=False)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from fragjobs.errors import InvalidInputError
+from fragjobs.validation import GateResult, QualityMetrics, Thresholds
+
+SCHEMA = "fragjobs.metrics_summary/1"
+
+H1_WARN_MARGIN = 0.25
+"""H1 is WARN (not FAIL) when one of LPIPS / CLIP delta misses its limit by less than this
+fraction of the limit."""
+
+REUSE_NOT_MEASURED = "paraphrase reuse not measured in this run"
+NEVER_PAYS_BACK = "fragment is not faster than the full model: never pays back"
+
+Status = Literal["PASS", "WARN", "FAIL", "UNAVAILABLE"]
+
+
+class Hypothesis(BaseModel):
+    """One hypothesis of the summary: what it claims, the values behind it and its verdict."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    claim: str
+    values: dict[str, Any]
+    thresholds: dict[str, float | int]
+    status: Status
+    reason: str | None = None
+
+
+def build_metrics_summary(
+    *,
+    quality: QualityMetrics,
+    gate: GateResult,
+    thresholds: Thresholds,
+    performance: dict,
+    memory: dict,
+    reuse: dict | None,
+    model: str,
+    prompt: str,
+    device: str,
+) -> dict:
+    """Build the JSON-ready ``metrics_summary.json`` of one run.
+
+    Args:
+        quality: the fragment's quality metrics.
+        gate: the gate's decision on them.
+        thresholds: the thresholds used by the gate and the hypotheses.
+        performance: ``latency_full_ms``, ``latency_fragment_ms`` (per image, same steps, same
+            batch, warm, measured in this run), ``batch_size``, ``steps`` and ``overhead_s``
+            (profile + extract + validate seconds of this run); any may be missing or ``None``.
+        memory: ``full_bytes``, ``fragment_bytes`` (bytes held by each model), optionally
+            ``peak_full_bytes``, ``peak_fragment_bytes`` and ``kind`` (how they were measured,
+            e.g. ``"cuda_max_allocated"`` or ``"cpu_param_bytes"``).
+        reuse: ``pass_rate`` (fraction of paraphrases on which the fragment passed its gate, or
+            ``None``) and ``n`` (paraphrases tried); ``None`` when not measured.
+        model: the base model's name.
+        prompt: the prompt.
+        device: the machine/device the run was measured on.
+
+    Returns:
+        ``{"schema", "model", "prompt", "device", "hypotheses": {"H1".."H5"}, "quality",
+        "gate", "performance", "memory", "reuse"}``; each hypothesis is ``{"name", "claim",
+        "values", "thresholds", "status", "reason"}`` with status PASS / WARN / FAIL /
+        UNAVAILABLE. ``"performance"``, ``"memory"`` and ``"reuse"`` are the inputs (``{}``
+        for ``reuse=None``), rounded.
+
+    Raises:
+        InvalidInputError: a measurement is not a finite number, or is out of range (negative
+            bytes or latencies, a pass rate outside [0, 1]).
+    """
+    reuse = dict(reuse) if reuse is not None else {}
+    hypotheses = {
+        "H1": _h1_quality(quality, thresholds),
+        "H2": _h2_memory(memory, thresholds),
+        "H3": _h3_reuse(reuse, thresholds),
+        "H4": _h4_speed(performance, thresholds),
+        "H5": _h5_break_even(performance, thresholds),
+    }
+    summary = {
+        "schema": SCHEMA,
+        "model": model,
+        "prompt": prompt,
+        "device": device,
+        "hypotheses": {key: h.model_dump() for key, h in hypotheses.items()},
+        "quality": quality.model_dump(),
+        "gate": gate.model_dump(),
+        "performance": dict(performance),
+        "memory": dict(memory),
+        "reuse": reuse,
+    }
+    return _rounded(summary, "summary")
+
+
+def _h1_quality(quality: QualityMetrics, thresholds: Thresholds) -> Hypothesis:
+    limits = {
+        "ssim_min": thresholds.ssim_min,
+        "lpips_max": thresholds.lpips_max,
+        "clip_delta_max": thresholds.clip_delta_max,
+    }
+    hypothesis = {
+        "name": "quality preserved",
+        "claim": "On the same seeds the fragment's images match the full model's: "
+        "SSIM >= ssim_min, LPIPS <= lpips_max, CLIP-score drop <= clip_delta_max.",
+        "values": {
+            "ssim": quality.ssim,
+            "psnr_db": quality.psnr_db,
+            "lpips": quality.lpips,
+            "clip_delta": quality.clip_delta,
+        },
+        "thresholds": limits,
+    }
+    missing = [
+        f"{name} is null ({reason})"
+        for name, value, reason in (
+            ("lpips", quality.lpips, quality.lpips_reason),
+            ("clip_delta", quality.clip_delta, quality.clip_reason),
+        )
+        if value is None
+    ]
+    if missing:
+        return Hypothesis(**hypothesis, status="UNAVAILABLE", reason="; ".join(missing))
+    if quality.ssim < thresholds.ssim_min:
+        reason = f"ssim {quality.ssim:.4g} < ssim_min {thresholds.ssim_min:g}"
+        return Hypothesis(**hypothesis, status="FAIL", reason=reason)
+    misses = [
+        (name, value - limit, limit)
+        for name, value, limit in (
+            ("lpips", quality.lpips, thresholds.lpips_max),
+            ("clip_delta", quality.clip_delta, thresholds.clip_delta_max),
+        )
+        if value > limit
+    ]
+    if not misses:
+        return Hypothesis(**hypothesis, status="PASS")
+    reason = "; ".join(
+        f"{name} exceeds its limit {limit:g} by {excess:.4g}" for name, excess, limit in misses
+    )
+    near = len(misses) == 1 and misses[0][1] < H1_WARN_MARGIN * misses[0][2]
+    return Hypothesis(**hypothesis, status="WARN" if near else "FAIL", reason=reason)
+
+
+def _h2_memory(memory: Mapping[str, Any], thresholds: Thresholds) -> Hypothesis:
+    full = _measurement(memory, "full_bytes", "memory", positive=True)
+    fragment = _measurement(memory, "fragment_bytes", "memory")
+    peak_full = _measurement(memory, "peak_full_bytes", "memory", positive=True)
+    peak_fragment = _measurement(memory, "peak_fragment_bytes", "memory")
+    minimum = thresholds.vram_reduction_min
+    hypothesis = {
+        "name": "memory reduced",
+        "claim": "The fragment holds at least vram_reduction_min less memory than the full "
+        "model (reduction = 1 - fragment_bytes / full_bytes).",
+        "values": {
+            "kind": memory.get("kind"),
+            "full_bytes": full,
+            "fragment_bytes": fragment,
+            "reduction": None if full is None or fragment is None else 1.0 - fragment / full,
+            "peak_reduction": (
+                None
+                if peak_full is None or peak_fragment is None
+                else 1.0 - peak_fragment / peak_full
+            ),
+        },
+        "thresholds": {"vram_reduction_min": minimum},
+    }
+    reduction = hypothesis["values"]["reduction"]
+    if reduction is None:
+        reason = "full_bytes and fragment_bytes were not both measured in this run"
+        return Hypothesis(**hypothesis, status="UNAVAILABLE", reason=reason)
+    return _graded(hypothesis, reduction >= minimum, reduction > 0, f"reduction {reduction:.4g}")
+
+
+def _h3_reuse(reuse: Mapping[str, Any], thresholds: Thresholds) -> Hypothesis:
+    pass_rate = _measurement(reuse, "pass_rate", "reuse")
+    minimum = thresholds.reuse_pass_rate_min
+    hypothesis = {
+        "name": "prompt reuse",
+        "claim": "A fragment built for one prompt passes its gate on paraphrases of that prompt "
+        "at a rate >= reuse_pass_rate_min.",
+        "values": {"pass_rate": pass_rate, "n": reuse.get("n")},
+        "thresholds": {"reuse_pass_rate_min": minimum},
+    }
+    if pass_rate is None:
+        return Hypothesis(**hypothesis, status="UNAVAILABLE", reason=REUSE_NOT_MEASURED)
+    if pass_rate > 1.0:
+        raise InvalidInputError(f"reuse.pass_rate must be in [0, 1], got {pass_rate}")
+    return _graded(
+        hypothesis,
+        pass_rate >= minimum,
+        pass_rate >= 0.5 * minimum,
+        f"pass rate {pass_rate:.4g}",
+    )
+
+
+def _latencies(performance: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    return (
+        _measurement(performance, "latency_full_ms", "performance", positive=True),
+        _measurement(performance, "latency_fragment_ms", "performance", positive=True),
+    )
+
+
+def _h4_speed(performance: Mapping[str, Any], thresholds: Thresholds) -> Hypothesis:
+    full, fragment = _latencies(performance)
+    minimum = thresholds.batch_speedup_min
+    speedup = None if full is None or fragment is None else full / fragment
+    hypothesis = {
+        "name": "batch speed-up",
+        "claim": "Per-image latency, same steps, same batch, warm, measured in this run: "
+        "full / fragment >= batch_speedup_min.",
+        "values": {
+            "latency_full_ms": full,
+            "latency_fragment_ms": fragment,
+            "speedup": speedup,
+            "batch_size": performance.get("batch_size"),
+            "steps": performance.get("steps"),
+        },
+        "thresholds": {"batch_speedup_min": minimum},
+    }
+    if speedup is None:
+        reason = "latency_full_ms and latency_fragment_ms were not both measured in this run"
+        return Hypothesis(**hypothesis, status="UNAVAILABLE", reason=reason)
+    return _graded(hypothesis, speedup >= minimum, speedup > 1.0, f"speed-up {speedup:.4g}")
+
+
+def _h5_break_even(performance: Mapping[str, Any], thresholds: Thresholds) -> Hypothesis:
+    full, fragment = _latencies(performance)
+    overhead = _measurement(performance, "overhead_s", "performance")
+    maximum = thresholds.break_even_max_variants
+    saving = None if full is None or fragment is None else (full - fragment) / 1000.0
+    hypothesis = {
+        "name": "break-even",
+        "claim": "The one-off cost of profile + extract + validate is paid back by the "
+        "per-image saving within break_even_max_variants images.",
+        "values": {
+            "overhead_s": overhead,
+            "saving_per_image_s": saving,
+            "break_even_variants": None,
+        },
+        "thresholds": {"break_even_max_variants": maximum},
+    }
+    if saving is None or overhead is None:
+        reason = "overhead_s and both latencies were not all measured in this run"
+        return Hypothesis(**hypothesis, status="UNAVAILABLE", reason=reason)
+    if saving <= 0:
+        return Hypothesis(**hypothesis, status="FAIL", reason=NEVER_PAYS_BACK)
+    variants = overhead / saving
+    hypothesis["values"]["break_even_variants"] = variants
+    return _graded(
+        hypothesis, variants <= maximum, variants <= 2 * maximum, f"break-even {variants:.4g}"
+    )
+
+
+def _graded(hypothesis: dict[str, Any], passes: bool, warns: bool, what: str) -> Hypothesis:
+    """PASS if ``passes``, else WARN if ``warns``, else FAIL; the reason names the value."""
+    if passes:
+        return Hypothesis(**hypothesis, status="PASS")
+    limits = ", ".join(f"{k} {v:g}" for k, v in hypothesis["thresholds"].items())
+    return Hypothesis(
+        **hypothesis, status="WARN" if warns else "FAIL", reason=f"{what} misses {limits}"
+    )
+
+
+def _measurement(
+    section: Mapping[str, Any], key: str, where: str, *, positive: bool = False
+) -> float | None:
+    """``section[key]`` (an int stays an int) or ``None``; refuse non-numbers, NaN, negatives."""
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInputError(f"{where}.{key} must be a finite number or null, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise InvalidInputError(f"{where}.{key} must be {bound}, got {value}")
+    return value
+
+
+def _rounded(value: Any, where: str) -> Any:
+    """A copy of ``value`` with floats rounded to 6 significant digits; refuse NaN/inf."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{where} is {value}: measurements must be finite or null")
+        return float(f"{value:.6g}")
+    if isinstance(value, Mapping):
+        return {str(k): _rounded(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value

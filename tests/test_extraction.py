@@ -1,0 +1,148 @@
+"""Head pruning, low-rank and int8 are exact where they must be and bounded where not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fragjobs.errors import InvalidInputError, IrreversibleChangeError
+from fragjobs.extraction import (
+    HeadPruningConfig,
+    HeadSelectionConfig,
+    Int8Config,
+    apply_head_pruning_,
+    apply_int8_,
+    factorise,
+    plan_int8,
+    remove_head_pruning,
+    select_heads,
+)
+from fragjobs.extraction.int8 import quantize_weight
+from fragjobs.generation import GenerationConfig, generate_images, with_unet
+from fragjobs.profiling import attention_modules
+
+GEN = GenerationConfig(steps=4, guidance_scale=7.5, height=64, width=64, batch_size=2)
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    ctx = torch.randn(2, 77, 64, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), ctx).sample
+
+
+def _all_heads(unet) -> HeadPruningConfig:
+    return HeadPruningConfig(
+        keep={n: tuple(range(m.heads)) for n, m in attention_modules(unet).items()}
+    )
+
+
+def test_keeping_every_head_reproduces_the_base_images_exactly(tiny_pipe):
+    unet = copy.deepcopy(tiny_pipe.unet)
+    apply_head_pruning_(unet, _all_heads(unet))
+    full = generate_images(tiny_pipe, "a dog on a jet ski", [3, 4], GEN)
+    pruned = generate_images(with_unet(tiny_pipe, unet), "a dog on a jet ski", [3, 4], GEN)
+    assert torch.equal(full, pruned)
+
+
+def test_removing_a_zeroed_head_changes_nothing(tiny_pipe):
+    unet = copy.deepcopy(tiny_pipe.unet)
+    modules = attention_modules(unet)
+    name = sorted(modules)[1]
+    attn = modules[name]
+    head_dim = attn.to_q.out_features // attn.heads
+    with torch.no_grad():  # head 2 contributes nothing: its to_out columns are zero
+        attn.to_out[0].weight[:, 2 * head_dim : 3 * head_dim] = 0
+    before = _unet_out(unet)
+    keep = {name: tuple(h for h in range(attn.heads) if h != 2)}
+    report = apply_head_pruning_(unet, HeadPruningConfig(keep=keep))
+    after = _unet_out(unet)
+    assert (before - after).abs().max().item() <= 1e-5
+    assert modules[name].heads == 3
+    assert report["params_after"] < report["params_before"]
+    assert report["heads_after"] == report["heads_before"] - 1
+
+
+def test_pruning_really_removes_parameters_and_changes_output(tiny_pipe):
+    unet = copy.deepcopy(tiny_pipe.unet)
+    before_params = sum(p.numel() for p in unet.parameters())
+    keep = {n: (0,) for n in attention_modules(unet)}
+    apply_head_pruning_(unet, HeadPruningConfig(keep=keep))
+    assert sum(p.numel() for p in unet.parameters()) < before_params
+    for attn in attention_modules(unet).values():
+        assert attn.heads == 1
+        assert attn.to_q.out_features == attn.to_out[0].in_features == attn.inner_dim
+    assert not torch.allclose(_unet_out(unet), _unet_out(tiny_pipe.unet))
+    with pytest.raises(IrreversibleChangeError, match="reload the base"):
+        remove_head_pruning(unet)
+
+
+def test_bad_pruning_configs_are_rejected(tiny_pipe):
+    unet = copy.deepcopy(tiny_pipe.unet)
+    with pytest.raises(InvalidInputError, match="unknown attention modules"):
+        apply_head_pruning_(unet, HeadPruningConfig(keep={"nope": (0,)}))
+    name = sorted(attention_modules(unet))[0]
+    with pytest.raises(InvalidInputError, match="out of range"):
+        apply_head_pruning_(unet, HeadPruningConfig(keep={name: (0, 9)}))
+    with pytest.raises(InvalidInputError, match="at least one head"):
+        HeadPruningConfig(keep={name: ()})
+    for bad in (0.0, -0.1, 1.5, "0.5"):
+        with pytest.raises(InvalidInputError):
+            HeadSelectionConfig(threshold=bad)
+
+
+def test_select_heads_threshold_min_per_layer_and_unstable_ranks():
+    scores = {"a": torch.tensor([4.0, 3.0, 0.1, 0.2]), "b": torch.tensor([0.3, 0.1, 0.2, 0.4])}
+    stable = {k: torch.zeros(4) for k in scores}
+    all_kept = select_heads(scores, stable, HeadSelectionConfig(threshold=1.0))
+    assert all_kept.keep == {"a": (0, 1, 2, 3), "b": (0, 1, 2, 3)}
+    half = select_heads(scores, stable, HeadSelectionConfig(threshold=0.25, min_heads_per_layer=1))
+    assert half.keep["a"] == (0, 1)
+    assert half.keep["b"] == (3,)  # below the cut, kept as the layer's best head
+    assert half.reasons["b"]["min_per_layer"] == [3]
+    unstable = {"a": torch.zeros(4), "b": torch.tensor([0.0, 0.5, 0.0, 0.0])}
+    safe = select_heads(scores, unstable, HeadSelectionConfig(threshold=0.25, rank_margin=0.25))
+    assert safe.keep["b"] == (1, 3)
+    assert safe.reasons["b"]["unstable_rank"] == [1]
+
+
+def test_full_rank_svd_reproduces_the_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 32)
+    x = torch.randn(5, 48)
+    exact = factorise(layer, 32)
+    assert torch.allclose(exact(x), layer(x), atol=1e-5)
+    smaller = factorise(layer, 8)
+    assert smaller.rank == 8
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in layer.parameters())
+
+
+def test_int8_error_is_within_its_stated_bound():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64) * torch.linspace(0.01, 3, 16)[:, None]
+    q, scale = quantize_weight(weight)
+    assert q.dtype == torch.int8
+    error = (q.float() * scale[:, None] - weight).abs()
+    bound = weight.abs().amax(dim=1, keepdim=True) / 254
+    assert bool((error <= bound + 1e-7).all())
+
+
+def test_int8_unet_holds_fewer_bytes_and_stays_close(tiny_pipe):
+    unet = copy.deepcopy(tiny_pipe.unet)
+    plan = plan_int8(unet, Int8Config())
+    assert "conv_in" in plan and plan["conv_in"] == "float"
+    quantized = {
+        n: quantize_weight(unet.get_submodule(n).weight) for n, k in plan.items() if k == "int8"
+    }
+    assert quantized
+    from fragjobs.extraction import weight_bytes
+
+    before = weight_bytes(unet)
+    apply_int8_(unet, quantized)
+    assert weight_bytes(unet) < 0.5 * before
+    full, q = _unet_out(tiny_pipe.unet), _unet_out(unet)
+    assert (full - q).abs().max() / full.abs().max() < 0.05
