@@ -1,0 +1,31 @@
+"""SQLAlchemy ORM of the fragjobs catalog: the only place its tables are declared."""
+
+from models.catalog import (
+    FRAGMENT_STATUSES,
+    JOB_STATUSES,
+    Base,
+    BaseModelRow,
+    FragmentRow,
+    GenerationJobRow,
+    ImageRow,
+    ProfileRow,
+    UTCDateTime,
+    ValidationRow,
+    metadata,
+    utcnow,
+)
+
+__all__ = [
+    "FRAGMENT_STATUSES",
+    "JOB_STATUSES",
+    "Base",
+    "BaseModelRow",
+    "FragmentRow",
+    "GenerationJobRow",
+    "ImageRow",
+    "ProfileRow",
+    "UTCDateTime",
+    "ValidationRow",
+    "metadata",
+    "utcnow",
+]

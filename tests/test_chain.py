@@ -1,0 +1,270 @@
+"""The whole chain on tiny-sd, embedded: files, rows, integrity, fallbacks and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fragjobs import chain
+from fragjobs.base_models import BaseModelInfo, load_base
+from fragjobs.errors import (
+    BaseModelMismatchError,
+    FragmentIntegrityError,
+    InvalidInputError,
+    InvalidKeyError,
+    NotFoundError,
+    UnknownModelError,
+)
+from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object
+
+PROMPT = "a dog on a jet ski"
+STATUSES = {"PASS", "WARN", "FAIL", "UNAVAILABLE"}
+
+
+@pytest.fixture
+def report(ws, tmp_path):
+    return chain.run(
+        PROMPT, model="tiny-sd", variants=3, out_dir=tmp_path / "out", ws=ws, progress=False
+    )
+
+
+def _objects(ws):
+    return ws.store.list("")
+
+
+def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path):
+    out = tmp_path / "out"
+    for name in (
+        "fragment_manifest.json",
+        "head_importance.json",
+        "metrics_summary.json",
+        "compare.png",
+    ):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0.png", "1.png", "2.png"]
+
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    assert set(summary["hypotheses"]) == {"H1", "H2", "H3", "H4", "H5"}
+    assert all(h["status"] in STATUSES for h in summary["hypotheses"].values())
+    perf = summary["performance"]
+    assert perf["latency_full_ms"] > 0 and perf["latency_fragment_ms"] > 0
+    assert summary["hypotheses"]["H3"]["status"] == "UNAVAILABLE"  # not measured in a run
+    assert summary["quality"]["lpips"] is None and summary["quality"]["lpips_reason"]
+
+    manifest = json.loads((out / "fragment_manifest.json").read_text())
+    assert manifest["key"] == report.key
+    assert manifest["verified"] == report.passed
+    assert manifest["pruning"]["heads_kept"] < manifest["pruning"]["heads_total"]
+    assert manifest["performance"]["measured_latency_full_ms"] == pytest.approx(
+        perf["latency_full_ms"], rel=1e-3
+    )
+    importance = json.loads((out / "head_importance.json").read_text())
+    assert importance["num_heads"] == manifest["pruning"]["heads_total"]
+
+    row = ws.catalog.get_fragment(report.key)
+    assert row.status == ("ready" if report.passed else "failed_gate")
+    lineage = ws.catalog.lineage(report.key)
+    assert lineage["profile_id"] == manifest["profiling"]["profile_id"]
+    assert len(ws.catalog.list_images(report.generation.job_id)) == 3
+    names = _objects(ws)
+    assert fragment_object("tiny-sd", report.key, FRAGMENT_FILE) in names
+    assert any(n.endswith("/stats.safetensors") for n in names)
+
+
+def test_steps_are_idempotent(ws):
+    first = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
+    again = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
+    assert again.reused and again.profile_id == first.profile_id
+    for name, energy in first.profile.energy.items():
+        assert torch.allclose(energy, again.profile.energy[name])
+    a = chain.extract(first.profile_id, ws=ws)
+    b = chain.extract(first.profile_id, ws=ws)
+    assert a.key == b.key and b.reused
+    assert len(ws.catalog.list_fragments()) == 1
+
+
+def _validated_fragment(ws, threshold=1.0):
+    prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
+    ext = chain.extract(prof.profile_id, chain.extraction_config(threshold, int8=False), ws=ws)
+    return chain.validate(ext.key, ws=ws, progress=False)
+
+
+def test_all_heads_fragment_matches_full_model_and_is_used(ws):
+    val = _validated_fragment(ws, threshold=1.0)
+    assert torch.equal(val.full_images, val.fragment_images)
+    assert val.passed and val.metrics.ssim == pytest.approx(1.0)
+    result = chain.generate(PROMPT, variants=2, model="tiny-sd", ws=ws, progress=False)
+    assert result.fragment_key == val.key and not result.used_fallback
+    assert ws.catalog.get_fragment(val.key).hit_count == 1
+
+
+def test_flipped_byte_is_detected_and_generation_falls_back(ws, caplog):
+    val = _validated_fragment(ws)
+    name = fragment_object("tiny-sd", val.key, FRAGMENT_FILE)
+    path = ws.store.root / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="fragjobs"):
+        result = chain.generate(
+            PROMPT, variants=2, model="tiny-sd", key=val.key, ws=ws, progress=False
+        )
+    assert result.used_fallback and result.fragment_key is None
+    assert "corrupt" in result.fallback_reason
+    assert "falling back" in caplog.text
+    assert ws.catalog.get_fragment(val.key).status == "corrupt"
+    job = ws.catalog.get_job(result.job_id)
+    assert job.used_fallback and job.status == "done"
+    assert len(result.image_uris) == 2
+
+
+def test_failed_gate_fragment_is_not_used(ws, settings, tmp_path, monkeypatch):
+    strict = tmp_path / "strict.yaml"
+    from importlib.resources import files
+
+    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
+    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))
+    monkeypatch.setattr(ws.settings, "thresholds_path", strict)
+    val = _validated_fragment(ws, threshold=0.5)
+    assert not val.passed
+    assert ws.catalog.get_fragment(val.key).status == "failed_gate"
+    result = chain.generate(PROMPT, variants=1, model="tiny-sd", key=val.key, ws=ws, progress=False)
+    assert result.used_fallback and "failed_gate" in result.fallback_reason
+
+
+def test_apply_fragment_to_own_pipeline(ws, tmp_path):
+    val = _validated_fragment(ws, threshold=0.5)
+    pipe = load_base("tiny-sd").pipe
+    manifest = chain.apply_fragment_(pipe, val.key, ws=ws)
+    assert manifest.key == val.key
+    images = pipe(
+        PROMPT,
+        num_inference_steps=manifest.profiling.steps,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(val.seeds[0]),
+        output_type="pt",
+    ).images
+    assert torch.allclose(images[0], val.fragment_images[0], atol=1e-4)
+
+    other = load_base("tiny-sd").pipe
+    info = other._fragjobs_base
+    other._fragjobs_base = BaseModelInfo("tiny-sd", "0" * 64, info.source, 64, 64, 10)
+    with pytest.raises(BaseModelMismatchError, match="was made from tiny-sd"):
+        chain.apply_fragment_(other, val.key, ws=ws)
+
+    from fragjobs.builtin.configs import build_tiny_sd
+
+    with pytest.raises(UnknownModelError, match="cannot identify"):
+        chain.apply_fragment_(build_tiny_sd(), val.key, ws=ws)
+
+
+def test_truncated_or_rehashed_fragment_folder_is_refused(ws, tmp_path):
+    val = _validated_fragment(ws, threshold=0.5)
+    folder = tmp_path / "frag"
+    folder.mkdir()
+    for filename in (FRAGMENT_FILE, MANIFEST_FILE):
+        name = fragment_object("tiny-sd", val.key, filename)
+        (folder / filename).write_bytes(ws.store.get_bytes(name))
+    pipe = load_base("tiny-sd").pipe
+    data = (folder / FRAGMENT_FILE).read_bytes()
+    (folder / FRAGMENT_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(FragmentIntegrityError, match="does not match its manifest"):
+        chain.apply_fragment_(pipe, folder)
+    (folder / FRAGMENT_FILE).write_bytes(data)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["artifacts"]["files"][FRAGMENT_FILE]["sha256"] = "f" * 64
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(FragmentIntegrityError):
+        chain.apply_fragment_(pipe, folder)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"prompt": ""}, InvalidInputError, "prompt is empty"),
+        ({"prompt": "   \n"}, InvalidInputError, "prompt is empty"),
+        ({"prompt": 42}, InvalidInputError, "must be a string"),
+        ({"variants": 0}, InvalidInputError, "variants"),
+        ({"variants": -3}, InvalidInputError, "variants"),
+        ({"variants": 10**9}, InvalidInputError, "variants"),
+        ({"variants": 2.5}, InvalidInputError, "integer"),
+        ({"threshold": 0.0}, InvalidInputError, "threshold"),
+        ({"threshold": 1.5}, InvalidInputError, "threshold"),
+        ({"profile_seeds": [-1, 2]}, InvalidInputError, "seed"),
+        ({"profile_seeds": ["a"]}, InvalidInputError, "seed"),
+        ({"validation_seeds": []}, InvalidInputError, "empty"),
+        ({"model": "no-such-model"}, UnknownModelError, "Available: sd15-shape, tiny-sd"),
+        ({"model": "/no/such/folder"}, UnknownModelError, "unknown model"),
+    ],
+)
+def test_bad_input_is_refused_and_leaves_nothing(ws, tmp_path, kwargs, error, match):
+    args = {
+        "prompt": PROMPT,
+        "model": "tiny-sd",
+        "variants": 2,
+        "out_dir": tmp_path / "o",
+        "ws": ws,
+        "progress": False,
+        **kwargs,
+    }
+    with pytest.raises(error, match=match):
+        chain.run(args.pop("prompt"), **args)
+    assert ws.catalog.list_fragments() == []
+    assert _objects(ws) == []
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "a/b", "UPPER", "", "x..y", "a b"])
+def test_bad_keys_are_refused_before_any_lookup(ws, key):
+    with pytest.raises(InvalidKeyError):
+        chain.generate(PROMPT, variants=1, model="tiny-sd", key=key, ws=ws, progress=False)
+    with pytest.raises(InvalidKeyError):
+        chain.load_stored_fragment(key, ws)
+    assert _objects(ws) == []
+
+
+def test_unknown_fragment_key_is_a_clear_error(ws):
+    with pytest.raises(NotFoundError, match="tiny-sd_0000"):
+        chain.validate("tiny-sd_0000000000000000_00000000", ws=ws, progress=False)
+
+
+def test_cli_run_writes_report_and_errors_are_one_line(settings, tmp_path):
+    env = {"FRAGJOBS_DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin"}
+    out = tmp_path / "cli-out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fragjobs.cli",
+            "run",
+            PROMPT,
+            "--model",
+            "tiny-sd",
+            "--variants",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "H4" in done.stdout and (out / "metrics_summary.json").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "fragjobs.cli", "run", " ", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: prompt is empty: give a non-blank text prompt"
+    )
