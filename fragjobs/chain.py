@@ -287,7 +287,7 @@ def extract(
     prof = _profile_from_bytes(stats)
     key = make_fragment_key(loaded.info.name, prof.prompt, config.params(prof))
     existing = ws.catalog.find_fragment(key)
-    if existing is not None and existing.status != "building":
+    if existing is not None and existing.manifest_sha256 is not None:  # stored completely
         manifest = _read_manifest(ws, existing)
         return ExtractResult(key, manifest, existing.storage_uri, reused=True)
 
