@@ -745,6 +745,9 @@ def run(
             "profile_s": t1 - t0,
             "extract_s": t2 - t1,
             "validate_s": t3 - t2,
+            # a rerun reads profile and fragment back from the store: its overhead is small
+            "profile_reused": prof.reused,
+            "fragment_reused": ext.reused,
         },
         memory=memory_report(loaded.pipe.unet, frag_unet),
         reuse=None,

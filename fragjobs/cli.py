@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -52,8 +53,9 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    for noisy in ("transformers", "diffusers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not verbose:  # both libraries read these when first imported (below, lazily)
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @main.command()

@@ -78,3 +78,11 @@ class GateFailedError(FragmentError):
 
 class IrreversibleChangeError(FragjobsError, RuntimeError):
     """An in-place edit (head pruning, factorisation) was asked to be undone."""
+
+
+class StorageUnavailableError(StorageError):
+    """The object store is unreachable or temporarily failing; retrying later may succeed.
+
+    A Celery task retries on this class (``autoretry_for``); any other StorageError is
+    permanent: retrying the same call would fail the same way.
+    """
