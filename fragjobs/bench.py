@@ -34,19 +34,21 @@ def bench_model(
     int8: bool,
 ) -> dict[str, Any]:
     """Measure one model; returns the row of the table."""
-    from fragjobs import chain
-    from fragjobs.extraction import ExtractionConfig, extract_fragment, weight_bytes
-    from fragjobs.generation import (
-        GenerationConfig,
-        measure_latency_ms,
-        peak_rss_bytes,
-        with_unet,
+    from fragjobs.base_models import load_base
+    from fragjobs.extraction import (
+        ExtractionConfig,
+        HeadSelectionConfig,
+        Int8Config,
+        LowRankConfig,
+        extract_fragment,
+        weight_bytes,
     )
+    from fragjobs.generation import GenerationConfig, peak_rss_bytes, with_unet
     from fragjobs.profiling import ProfileConfig, profile_prompt
 
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(data_dir=Path(data_dir))
-        loaded = chain.base(model, settings)
+        loaded = load_base(model, settings=settings)
         info = loaded.info
         height = width = size or info.height
         steps = steps or info.default_steps
@@ -57,14 +59,18 @@ def bench_model(
             ProfileConfig(seeds=(0, 1), steps=steps, step_stride=1, height=height, width=width),
             progress=False,
         )
-        config: ExtractionConfig = chain.extraction_config(threshold, low_rank=low_rank, int8=int8)
+        config = ExtractionConfig(
+            heads=HeadSelectionConfig(threshold),
+            low_rank=LowRankConfig() if low_rank else None,
+            int8=Int8Config() if int8 else None,
+        )
         fragment, unet = extract_fragment(loaded.pipe, info, prof, config, profile_id="bench")
         overhead = time.perf_counter() - started
         gen = GenerationConfig(
             steps=steps, guidance_scale=7.5, height=height, width=width, batch_size=batch_size
         )
-        full_ms = measure_latency_ms(loaded.pipe, prompt, gen, repeats=repeats)
-        frag_ms = measure_latency_ms(with_unet(loaded.pipe, unet), prompt, gen, repeats=repeats)
+        full_ms, full_peak = _measure(loaded.pipe, prompt, gen, repeats)
+        frag_ms, frag_peak = _measure(with_unet(loaded.pipe, unet), prompt, gen, repeats)
         full_bytes, frag_bytes = weight_bytes(loaded.pipe.unet), weight_bytes(unet)
         saved = full_ms - frag_ms
         m = fragment.manifest
@@ -83,7 +89,23 @@ def bench_model(
             "overhead_s": round(overhead, 2),
             "break_even_variants": round(overhead / (saved / 1000), 1) if saved > 0 else None,
             "peak_rss_mib": round(peak_rss_bytes() / 2**20),
+            "cuda_peak_full_mib": full_peak,
+            "cuda_peak_fragment_mib": frag_peak,
         }
+
+
+def _measure(pipe: Any, prompt: str, gen: Any, repeats: int) -> tuple[float, float | None]:
+    """Warm median per-image latency, and CUDA max allocated (MiB) on a GPU, else None."""
+    from fragjobs.generation import measure_latency_ms
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    latency = measure_latency_ms(pipe, prompt, gen, repeats=repeats)
+    peak = (
+        round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+    )
+    return latency, peak
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="tiny-sd,sd15-shape")
     parser.add_argument("--threshold", type=float, default=0.75, help="fraction of heads kept")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--size", type=int, default=None, help="image side (model default)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image side for models other than tiny-sd"
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", default="a dog on a jet ski")
@@ -106,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 model.strip(),
                 threshold=args.threshold,
                 steps=args.steps,
-                size=args.size,
+                size=None if model.strip() == "tiny-sd" else args.size,
                 batch_size=args.batch_size,
                 repeats=args.repeats,
                 prompt=args.prompt,
