@@ -44,6 +44,7 @@ from fragjobs.errors import (
     ObjectNotFoundError,
 )
 from fragjobs.extraction import (
+    BlockCachingConfig,
     ExtractionConfig,
     Fragment,
     HeadSelectionConfig,
@@ -250,12 +251,19 @@ def extraction_config(
     rank_margin: float = 0.25,
     low_rank: bool = True,
     int8: bool = True,
+    caching: bool = True,
+    fidelity: float = 0.9,
 ) -> ExtractionConfig:
-    """The extraction config from the CLI's knobs."""
+    """The extraction config from the CLI's knobs.
+
+    ``fidelity`` is the block-caching knob: the SSIM against the full model that the chosen
+    schedule must keep on the profiling seeds.
+    """
     return ExtractionConfig(
         heads=HeadSelectionConfig(threshold, min_heads_per_layer, rank_margin),
         low_rank=LowRankConfig() if low_rank else None,
         int8=Int8Config() if int8 else None,
+        caching=BlockCachingConfig(min_ssim=fidelity) if caching else None,
     )
 
 
@@ -679,6 +687,8 @@ def run(
     batch_size: int = 4,
     low_rank: bool = True,
     int8: bool = True,
+    caching: bool = True,
+    fidelity: float = 0.9,
     ws: Workspace | None = None,
     progress: bool = True,
 ) -> RunReport:
@@ -691,7 +701,9 @@ def run(
     ws = ws or workspace()
     normalise_prompt(prompt)
     check_variants(variants, ws.settings)
-    config = extraction_config(threshold, low_rank=low_rank, int8=int8)
+    config = extraction_config(
+        threshold, low_rank=low_rank, int8=int8, caching=caching, fidelity=fidelity
+    )
     check_seeds(list(profile_seeds))
     check_seeds(list(validation_seeds))
     check_int(batch_size, "batch_size", minimum=1, maximum=1024)

@@ -73,8 +73,27 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--no-low-rank", is_flag=True, help="Do not factorise linear layers.")
 @click.option("--no-int8", is_flag=True, help="Keep weights in float.")
+@click.option("--no-caching", is_flag=True, help="No block-caching schedule.")
+@click.option(
+    "--fidelity",
+    default=0.9,
+    show_default=True,
+    type=float,
+    help="SSIM vs the full model the caching schedule must keep, in (0, 1].",
+)
 @_fail_cleanly
-def run(prompt, model, variants, out_dir, threshold, batch_size, no_low_rank, no_int8):
+def run(
+    prompt,
+    model,
+    variants,
+    out_dir,
+    threshold,
+    batch_size,
+    no_low_rank,
+    no_int8,
+    no_caching,
+    fidelity,
+):
     """Profile, extract, validate and generate PROMPT; write a report to --out."""
     from fragjobs import chain
 
@@ -132,8 +151,10 @@ def profile(prompt, model, seeds, steps, step_stride):
 @click.option("--min-heads", default=1, show_default=True, type=int)
 @click.option("--no-low-rank", is_flag=True)
 @click.option("--no-int8", is_flag=True)
+@click.option("--no-caching", is_flag=True)
+@click.option("--fidelity", default=0.9, show_default=True, type=float)
 @_fail_cleanly
-def extract(profile_id, threshold, min_heads, no_low_rank, no_int8):
+def extract(profile_id, threshold, min_heads, no_low_rank, no_int8, no_caching, fidelity):
     """Extract the fragment of PROFILE_ID; print its key."""
     from fragjobs import chain
 
@@ -266,6 +287,11 @@ def db_upgrade():
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     revision = upgrade_database(url)
     click.echo(f"{mask_url(url)} at revision {revision}")
+
+
+from fragjobs.farm import farm  # noqa: E402  (the farm commands, registered last)
+
+main.add_command(farm)
 
 
 if __name__ == "__main__":

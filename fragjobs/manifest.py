@@ -111,8 +111,16 @@ class ArtifactsLayer(_Layer):
 
 
 class DynamicRoutingLayer(_Layer):
+    """The block-caching schedule: per UNet block, the steps at which it is recomputed."""
+
     enabled: bool = False
+    method: Literal["block_caching"] = "block_caching"
+    steps: int | None = None
+    delta: float | None = None
     schedule: dict[str, list[int]] | None = None
+    estimated_cost: float | None = None
+    min_ssim: float | None = None
+    search: list[dict[str, float | None]] = Field(default_factory=list)
     reason: str | None = None
 
 

@@ -87,9 +87,10 @@ def test_steps_are_idempotent(ws):
     assert len(ws.catalog.list_fragments()) == 1
 
 
-def _validated_fragment(ws, threshold=1.0):
+def _validated_fragment(ws, threshold=1.0, caching=False):
     prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
-    ext = chain.extract(prof.profile_id, chain.extraction_config(threshold, int8=False), ws=ws)
+    config = chain.extraction_config(threshold, int8=False, caching=caching)
+    ext = chain.extract(prof.profile_id, config, ws=ws)
     return chain.validate(ext.key, ws=ws, progress=False)
 
 

@@ -1,9 +1,18 @@
 """Turn a profile into a fragment: head pruning, low-rank factorisation, int8 storage."""
 
+from fragjobs.extraction.caching import (
+    BlockCachingConfig,
+    CachingSchedule,
+    apply_block_caching,
+    plan_block_caching,
+    remove_block_caching,
+    reset_block_caching,
+)
 from fragjobs.extraction.fragment import (
     ExtractionConfig,
     Fragment,
     apply_fragment_to_unet_,
+    caching_schedule,
     extract_fragment,
     fragment_key,
     load_fragment_folder,
@@ -23,6 +32,13 @@ from fragjobs.extraction.int8 import Int8Config, Int8Conv2d, Int8Linear, apply_i
 from fragjobs.extraction.lowrank import LowRankConfig, LowRankLinear, apply_low_rank_, factorise
 
 __all__ = [
+    "BlockCachingConfig",
+    "CachingSchedule",
+    "apply_block_caching",
+    "caching_schedule",
+    "plan_block_caching",
+    "remove_block_caching",
+    "reset_block_caching",
     "ExtractionConfig",
     "Fragment",
     "HeadPruningConfig",

@@ -21,6 +21,12 @@ from torch import nn
 
 from fragjobs.base_models import BaseModelInfo, prompt_embedding
 from fragjobs.errors import BaseModelMismatchError, FragmentIntegrityError, ManifestError
+from fragjobs.extraction.caching import (
+    BlockCachingConfig,
+    CachingSchedule,
+    apply_block_caching,
+    search_block_caching,
+)
 from fragjobs.extraction.heads import (
     HeadPruningConfig,
     HeadSelectionConfig,
@@ -67,6 +73,7 @@ class ExtractionConfig:
     heads: HeadSelectionConfig = field(default_factory=HeadSelectionConfig)
     low_rank: LowRankConfig | None = field(default_factory=LowRankConfig)
     int8: Int8Config | None = field(default_factory=Int8Config)
+    caching: BlockCachingConfig | None = field(default_factory=BlockCachingConfig)
 
     def params(self, profile: PromptProfile) -> dict[str, Any]:
         """Canonical parameters: extraction config plus the profiling config it depends on."""
@@ -74,6 +81,7 @@ class ExtractionConfig:
             "heads": asdict(self.heads),
             "low_rank": asdict(self.low_rank) if self.low_rank else None,
             "int8": asdict(self.int8) if self.int8 else None,
+            "caching": asdict(self.caching) if self.caching else None,
             "profile": asdict(profile.config),
         }
 
@@ -159,9 +167,17 @@ def extract_fragment(
             precision_map=precision, max_abs_error=round(max_error, 8) if quantized else None
         )
 
+    cfg = profile.config
+    height, width = cfg.height or base.height, cfg.width or base.width
+    routing = DynamicRoutingLayer(enabled=False, reason="block caching not requested")
+    if config.caching is not None:
+        schedule, search = search_block_caching(
+            pipe, unet, profile, config.caching, height=height, width=width
+        )
+        routing = _routing_layer(schedule, search, config.caching)
+
     tensors["reuse.prompt_embedding"] = prompt_embedding(pipe, profile.prompt)
     key = fragment_key(base, profile, config)
-    cfg = profile.config
     stability = profile.rank_stability()
     manifest = FragmentManifest(
         key=key,
@@ -175,8 +191,8 @@ def extract_fragment(
             step_stride=cfg.step_stride,
             sampled_steps=cfg.sampled_steps(),
             guidance_scale=cfg.guidance_scale,
-            height=cfg.height or base.height,
-            width=cfg.width or base.width,
+            height=height,
+            width=width,
             num_heads=pruning_report["heads_before"],
             rank_stability=None if stability is None else round(stability, 6),
             rank_stability_reason=None if stability is not None else "needs two or more seeds",
@@ -199,11 +215,41 @@ def extract_fragment(
             weight_bytes_fragment=weight_bytes(unet),
         ),
         artifacts=ArtifactsLayer(files={}),
-        dynamic_routing=DynamicRoutingLayer(
-            enabled=False, reason="no block-caching schedule in this fragment"
-        ),
+        dynamic_routing=routing,
     )
     return Fragment(manifest, tensors), unet
+
+
+def _routing_layer(schedule, search, config: BlockCachingConfig) -> DynamicRoutingLayer:
+    if schedule is None:
+        return DynamicRoutingLayer(
+            enabled=False,
+            min_ssim=config.min_ssim,
+            search=search,
+            reason=f"no candidate schedule kept SSIM >= {config.min_ssim} on the profiling seeds",
+        )
+    return DynamicRoutingLayer(
+        enabled=True,
+        steps=schedule.steps,
+        delta=schedule.delta,
+        schedule={b: list(s) for b, s in sorted(schedule.recompute.items())},
+        estimated_cost=schedule.estimated_cost,
+        min_ssim=config.min_ssim,
+        search=search,
+    )
+
+
+def caching_schedule(manifest: FragmentManifest) -> CachingSchedule | None:
+    """The manifest's block-caching schedule, or None when it has none."""
+    routing = manifest.dynamic_routing
+    if not routing.enabled or not routing.schedule or routing.steps is None:
+        return None
+    return CachingSchedule(
+        steps=routing.steps,
+        recompute={b: tuple(s) for b, s in routing.schedule.items()},
+        delta=routing.delta or 0.0,
+        estimated_cost=routing.estimated_cost or 1.0,
+    )
 
 
 def fragment_file_bytes(fragment: Fragment) -> bytes:
@@ -301,3 +347,6 @@ def apply_fragment_to_unet_(unet: nn.Module, fragment: Fragment, base: BaseModel
             if kind == "int8"
         }
         apply_int8_(unet, quantized)
+    schedule = caching_schedule(fragment.manifest)
+    if schedule is not None:
+        apply_block_caching(unet, schedule)

@@ -29,6 +29,7 @@ StoreFactory = Callable[..., ObjectStore]
 
 _BUILTIN_BACKENDS: dict[str, str] = {
     "file": "fragjobs.storage.local.LocalStore",
+    "s3": "fragjobs.storage.s3.S3Store",
 }
 
 _SCHEME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
