@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from fragjobs.base_models import LoadedBase, identify, load_base
-from fragjobs.cache import lookup_exact, lookup_prompt
+from fragjobs.base_models import LoadedBase, identify, load_base, prompt_embedding
+from fragjobs.cache import lookup_exact, lookup_prompt, lookup_similar
 from fragjobs.catalog import Catalog, FragmentEntity
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import (
@@ -689,6 +689,7 @@ def run(
     int8: bool = True,
     caching: bool = True,
     fidelity: float = 0.9,
+    paraphrases: list[str] | None = None,
     ws: Workspace | None = None,
     progress: bool = True,
 ) -> RunReport:
@@ -707,6 +708,8 @@ def run(
     check_seeds(list(profile_seeds))
     check_seeds(list(validation_seeds))
     check_int(batch_size, "batch_size", minimum=1, maximum=1024)
+    for text in paraphrases or []:
+        normalise_prompt(text)
     out = Path(out_dir)
 
     t0 = time.perf_counter()
@@ -732,7 +735,9 @@ def run(
         measured_latency_fragment_ms=round(latency_frag, 3),
         measured_speedup=round(latency_full / latency_frag, 4),
     )
-    manifest = record_performance(ext.key, performance, ws)
+    record_performance(ext.key, performance, ws)
+    reuse = measure_reuse(ext.key, paraphrases, ws=ws) if paraphrases else None
+    manifest = _read_manifest(ws, ws.catalog.get_fragment(ext.key))
 
     result = generate(
         prompt,
@@ -762,7 +767,7 @@ def run(
             "fragment_reused": ext.reused,
         },
         memory=memory_report(loaded.pipe.unet, frag_unet),
-        reuse=None,
+        reuse=reuse,
         model=loaded.info.name,
         prompt=prompt.strip(),
         device=device,
@@ -805,9 +810,22 @@ def _device_name(device: torch.device) -> str:
 
 def _fragment_pipe_or_fallback(ws, loaded, base_model_id, prompt, key):
     """(pipeline, fragment key or None, fallback reason or None, manifest or None)."""
-    row = lookup_exact(ws.catalog, key) if key else lookup_prompt(ws.catalog, base_model_id, prompt)
+    if key:
+        row = lookup_exact(ws.catalog, key)
+    else:
+        row = lookup_prompt(ws.catalog, base_model_id, prompt)
+        if row is None:
+            hit = lookup_similar(
+                ws.catalog,
+                base_model_id,
+                prompt_embedding(loaded.pipe, prompt),
+                lambda r: _read_manifest(ws, r),
+            )
+            if hit is not None:
+                log.info("reusing fragment %s (cosine %.3f)", hit.fragment.key, hit.similarity)
+                row = hit.fragment
     if row is None:
-        reason = f"no fragment {key}" if key else "no ready fragment for this prompt"
+        reason = f"no fragment {key}" if key else "no ready fragment for this or a similar prompt"
         log.warning("generating with the full model: %s", reason)
         return loaded.pipe, None, reason, None
     try:
@@ -822,6 +840,61 @@ def _fragment_pipe_or_fallback(ws, loaded, base_model_id, prompt, key):
     except FragmentError as exc:
         log.warning("fragment %s unusable, falling back to the full model: %s", row.key, exc)
         return loaded.pipe, None, f"fragment {row.key} unusable: {exc}", None
+
+
+# -- reuse on paraphrases (H3) ---------------------------------------------------------------
+
+
+def measure_reuse(
+    key: str,
+    paraphrases: list[str],
+    *,
+    seeds: list[int] | tuple[int, ...] = DEFAULT_VALIDATION_SEEDS[:2],
+    ws: Workspace | None = None,
+) -> dict[str, Any]:
+    """Gate the fragment on paraphrases of its prompt: full vs fragment, same seeds.
+
+    Returns ``{"pass_rate", "n", "rows"}`` and records it in the manifest's ``reuse`` layer.
+    """
+    ws = ws or workspace()
+    if not paraphrases:
+        raise InvalidInputError("give at least one paraphrase to measure reuse")
+    texts = [p.strip() for p in paraphrases if normalise_prompt(p)]
+    seeds = check_seeds(list(seeds))
+    fragment = load_stored_fragment(key, ws)
+    manifest = fragment.manifest
+    loaded = base(manifest.base_model.name, ws.settings)
+    frag_pipe = with_unet(loaded.pipe, fragment_unet(loaded, fragment))
+    gen = _generation_config(manifest, batch_size=len(seeds))
+    thresholds = load_thresholds(ws.settings.thresholds_path)
+    own = torch.tensor(manifest.reuse.prompt_embedding or [])
+    rows = []
+    for text in texts:
+        full = generate_images(loaded.pipe, text, seeds, gen)
+        frag = generate_images(frag_pipe, text, seeds, gen)
+        metrics = compute_quality(
+            full,
+            frag,
+            text,
+            clip_model_path=ws.settings.clip_model_path,
+            lpips_weights_path=ws.settings.lpips_weights_path,
+        )
+        gate = evaluate_gate(metrics, thresholds)
+        embedding = prompt_embedding(loaded.pipe, text)
+        similarity = float(own @ embedding) if own.shape == embedding.shape else None
+        rows.append(
+            {
+                "prompt": text,
+                "ssim": metrics.ssim,
+                "clip_delta": metrics.clip_delta,
+                "passed": gate.passed,
+                "similarity": None if similarity is None else round(similarity, 6),
+            }
+        )
+    pass_rate = round(sum(r["passed"] for r in rows) / len(rows), 6)
+    reuse = manifest.reuse.model_copy(update={"pass_rate": pass_rate, "paraphrases": rows})
+    _rewrite_manifest(ws, key, manifest.model_copy(update={"reuse": reuse}))
+    return {"pass_rate": pass_rate, "n": len(rows), "rows": rows}
 
 
 def _rmtree(path: Path) -> None:
@@ -843,6 +916,7 @@ __all__ = [
     "extraction_config",
     "generate",
     "load_stored_fragment",
+    "measure_reuse",
     "profile",
     "record_performance",
     "run",

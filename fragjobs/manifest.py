@@ -96,9 +96,13 @@ class PerformanceLayer(_Layer):
 
 
 class ReuseLayer(_Layer):
+    """How the fragment is found for other prompts, and how well it served paraphrases."""
+
     similarity: Literal["cosine_clip_text"] = "cosine_clip_text"
     threshold: float = 0.8
-    embedding_tensor: str = "reuse.prompt_embedding"
+    prompt_embedding: list[float] | None = None
+    pass_rate: float | None = None
+    paraphrases: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ArtifactFile(_Layer):

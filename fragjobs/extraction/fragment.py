@@ -3,8 +3,9 @@
 ``extract_fragment`` turns a profile into edits and applies them to a copy of the UNet;
 ``save_fragment``/``read_fragment`` move it as ``fragment.safetensors`` + ``manifest.json``;
 ``apply_fragment_to_unet_`` replays the edits on a base UNet. The file holds only what is not
-in the base: kept-head indices (structural edits), low-rank factors, int8 weights and scales,
-and the prompt embedding used for reuse. Loading = base + edits, base checked by sha256.
+in the base: kept-head indices (structural edits), low-rank factors, int8 weights and scales.
+The manifest holds the rest (caching schedule, prompt embedding for reuse). Loading = base +
+edits, the base checked by sha256.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from fragjobs.manifest import (
     LowRankLayer,
     ProfilingLayer,
     PruningLayer,
+    ReuseLayer,
 )
 from fragjobs.profiling import PromptProfile
 
@@ -176,7 +178,7 @@ def extract_fragment(
         )
         routing = _routing_layer(schedule, search, config.caching)
 
-    tensors["reuse.prompt_embedding"] = prompt_embedding(pipe, profile.prompt)
+    embedding = prompt_embedding(pipe, profile.prompt)
     key = fragment_key(base, profile, config)
     stability = profile.rank_stability()
     manifest = FragmentManifest(
@@ -216,6 +218,7 @@ def extract_fragment(
         ),
         artifacts=ArtifactsLayer(files={}),
         dynamic_routing=routing,
+        reuse=ReuseLayer(prompt_embedding=[round(float(v), 6) for v in embedding]),
     )
     return Fragment(manifest, tensors), unet
 
