@@ -87,7 +87,10 @@ def select_ranks(unet: nn.Module, config: LowRankConfig) -> dict[str, dict[str, 
             continue
         s = torch.linalg.svdvals(layer.weight.data.double())
         cumulative = (s.pow(2).cumsum(0) / s.pow(2).sum()).clamp(max=1.0)
-        rank = int(torch.searchsorted(cumulative, torch.tensor(config.energy - 1e-12)).item()) + 1
+        target = torch.tensor(
+            config.energy - 1e-12, dtype=cumulative.dtype, device=cumulative.device
+        )
+        rank = int(torch.searchsorted(cumulative, target).item()) + 1
         rank = min(rank, len(s))
         if rank * (in_f + out_f) <= config.max_cost * in_f * out_f:
             plan[name] = {"rank": rank, "energy": round(float(cumulative[rank - 1]), 6)}

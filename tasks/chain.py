@@ -1,0 +1,316 @@
+"""The chain's Celery tasks: thin adapters over :mod:`fragjobs.chain` (DESIGN §5).
+
+Each task takes ids, URIs and plain JSON, re-reads state from the catalog, calls the core and
+returns a JSON dict of ids and URIs. The previous step's dict is the next step's first
+argument, so ``profile | extract | validate | group(generate, ...)`` is a plain Celery chain
+(built by :mod:`fragjobs.client`)::
+
+    profile("a red circle", model="tiny-sd")  -> {"profile_id", "base_model_id", ...}
+    extract({"profile_id": ...}, threshold=0.75) -> {"key", "storage_uri", "reused", ...}
+    validate({"key": ...})                     -> {"key", "passed", "status", ...}
+    generate({"key": ...}, prompt=..., seeds=[0, 1], job_id=...) -> {"job_id", "image_uris", ...}
+
+Every task is idempotent (``task_acks_late`` may run it twice): the core's steps find the rows
+and objects they already wrote; ``validate`` returns the recorded verdict of a fragment that
+was already validated; ``generate`` keeps the images a previous delivery stored.
+
+Retries: only transient failures (catalog database, broker or object store unreachable) are
+retried, with exponential backoff, at most three times. A generation job counts its
+deliveries in the catalog (``attempts``); past ``fragjobs_max_task_attempts`` it is marked
+failed and an error result is returned instead of running it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task
+from kombu.exceptions import OperationalError as BrokerOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import OperationalError as DatabaseOperationalError
+
+from fragjobs import chain
+from fragjobs.errors import (
+    CatalogError,
+    FragmentError,
+    InvalidInputError,
+    NotFoundError,
+    StorageUnavailableError,
+)
+from fragjobs.keys import normalise_prompt, validate_key
+from tasks.app import app
+
+log = logging.getLogger("fragjobs.tasks")
+
+DEFAULT_MAX_ATTEMPTS = 3
+VALIDATED_STATUSES = ("ready", "failed_gate")
+
+
+class TransientError(Exception):
+    """A failure that retrying later may fix (the catalog database was unreachable).
+
+    The catalog turns every SQLAlchemy error into :class:`~fragjobs.errors.CatalogError`; a
+    task re-raises the ones caused by a lost connection as this class, so that
+    ``autoretry_for`` retries them and nothing else (a constraint violation or a missing row
+    would fail the same way again).
+    """
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientError,
+    DatabaseOperationalError,
+    DisconnectionError,
+    BrokerOperationalError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    StorageUnavailableError,
+)
+
+
+@contextmanager
+def transient_failures() -> Iterator[None]:
+    """Re-raise a CatalogError caused by a lost database connection as TransientError."""
+    try:
+        yield
+    except CatalogError as exc:
+        if isinstance(exc.__cause__, DatabaseOperationalError | DisconnectionError):
+            raise TransientError(str(exc)) from exc
+        raise
+
+
+class ChainTask(Task):
+    """The policy shared by the chain's tasks: retry transient failures, report PROGRESS."""
+
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = True
+    retry_backoff_max = 600
+    retry_jitter = True
+    max_retries = 3
+
+    def report_progress(self, step: int, total: int, **meta: Any) -> None:
+        """Set the state ``PROGRESS`` with ``{"step", "total", **meta}`` (shown by Flower).
+
+        Nothing happens when the task function is called directly (no task id).
+        """
+        if self.request.id is None:
+            return
+        self.update_state(state="PROGRESS", meta={"step": step, "total": total, **meta})
+
+
+def max_attempts(celery_app: Any) -> int:
+    """How many deliveries a generation job may have (``fragjobs_max_task_attempts``)."""
+    return int(celery_app.conf.get("fragjobs_max_task_attempts") or DEFAULT_MAX_ATTEMPTS)
+
+
+def _field(upstream: Any, name: str) -> str:
+    """``upstream[name]`` of the previous task's result, or ``upstream`` itself if a string."""
+    value = upstream.get(name) if isinstance(upstream, dict) else upstream
+    if not isinstance(value, str):
+        raise InvalidInputError(
+            f"expected the previous step's result with a {name!r} (or the {name} itself), "
+            f"got {upstream!r}"
+        )
+    return value
+
+
+@app.task(bind=True, base=ChainTask, name="fragjobs.profile")
+def profile(
+    self: ChainTask,
+    prompt: str,
+    *,
+    model: str | None = None,
+    seeds: list[int] | None = None,
+    steps: int | None = None,
+) -> dict[str, Any]:
+    """Profile ``prompt`` on ``model``; return the stored profile's id and URIs."""
+    self.report_progress(0, 1, stage="profile")
+    with transient_failures():
+        result = chain.profile(
+            prompt,
+            model=model,
+            seeds=seeds if seeds is not None else chain.DEFAULT_PROFILE_SEEDS,
+            steps=steps,
+            ws=chain.workspace(),
+            progress=False,
+        )
+    return {
+        "profile_id": result.profile_id,
+        "base_model_id": result.base_model_id,
+        "stats_uri": result.stats_uri,
+        "importance_uri": result.importance_uri,
+        "reused": result.reused,
+    }
+
+
+@app.task(bind=True, base=ChainTask, name="fragjobs.extract")
+def extract(
+    self: ChainTask,
+    upstream: dict[str, Any] | str,
+    *,
+    threshold: float = 0.75,
+    model: str | None = None,
+    low_rank: bool = True,
+    int8: bool = True,
+) -> dict[str, Any]:
+    """Extract the fragment of a stored profile (``upstream``: profile's result or its id)."""
+    profile_id = validate_key(_field(upstream, "profile_id"))
+    self.report_progress(0, 1, stage="extract", profile_id=profile_id)
+    config = chain.extraction_config(threshold, low_rank=low_rank, int8=int8)
+    with transient_failures():
+        result = chain.extract(profile_id, config, ws=chain.workspace(), model=model)
+    return {
+        "key": result.key,
+        "profile_id": profile_id,
+        "storage_uri": result.storage_uri,
+        "reused": result.reused,
+    }
+
+
+@app.task(bind=True, base=ChainTask, name="fragjobs.validate")
+def validate(
+    self: ChainTask, upstream: dict[str, Any] | str, *, seeds: list[int] | None = None
+) -> dict[str, Any]:
+    """Gate a fragment against its full model (``upstream``: extract's result or the key).
+
+    A fragment that was validated already returns its recorded verdict. A fragment that
+    cannot be read (corrupt, manifest unreadable) does not fail the chain: the result says
+    so (``status: corrupt``) and generation falls back to the full model.
+    """
+    key = validate_key(_field(upstream, "key"))
+    self.report_progress(0, 1, stage="validate", key=key)
+    with transient_failures():
+        ws = chain.workspace()
+        row = ws.catalog.get_fragment(key)
+        latest = ws.catalog.latest_validation(key)
+        if row.status in VALIDATED_STATUSES and latest is not None:
+            return _verdict(key, row.status, latest.passed, latest.id, reused=True)
+        try:
+            chain.validate(
+                key,
+                seeds=seeds if seeds is not None else chain.DEFAULT_VALIDATION_SEEDS,
+                ws=ws,
+                progress=False,
+            )
+        except FragmentError as exc:
+            log.warning("fragment %s cannot be validated: %s", key, exc)
+            status = ws.catalog.get_fragment(key).status
+            return {**_verdict(key, status, False, None, reused=False), "error": str(exc)}
+        row = ws.catalog.get_fragment(key)
+        latest = ws.catalog.latest_validation(key)
+    return _verdict(key, row.status, latest.passed, latest.id, reused=False)
+
+
+def _verdict(
+    key: str, status: str, passed: bool, validation_id: int | None, *, reused: bool
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "status": status,
+        "passed": passed,
+        "validation_id": validation_id,
+        "reused": reused,
+    }
+
+
+@app.task(bind=True, base=ChainTask, name="fragjobs.generate")
+def generate(
+    self: ChainTask,
+    upstream: dict[str, Any] | str | None = None,
+    *,
+    prompt: str,
+    seeds: list[int],
+    job_id: str,
+    model: str | None = None,
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """Generate one batch of seed variants as catalog job ``job_id``.
+
+    ``upstream`` names the fragment to use (validate's result, ``{"key": ...}`` or the key);
+    None uses the prompt's ready fragment if there is one. An unusable fragment falls back to
+    the full model (``used_fallback``). Returns the job id, image URIs, the fragment key used
+    and ``error`` (None, or why a poison job was given up).
+    """
+    key = _field(upstream, "key") if upstream is not None else None
+    normalise_prompt(prompt)
+    validate_key(job_id)
+    with transient_failures():
+        ws = chain.workspace()
+        attempts = _count_attempt(ws, job_id, prompt, seeds, model)
+        limit = max_attempts(self.app)
+        if attempts > limit:
+            reason = (
+                f"generation job {job_id} was delivered {attempts} times (limit {limit}, "
+                "FRAGJOBS_MAX_TASK_ATTEMPTS): marked failed instead of running it again; "
+                "look at the worker logs for what killed the earlier attempts"
+            )
+            log.error(reason)
+            ws.catalog.update_job(job_id, status="failed", finished_at=datetime.now(UTC))
+            return _generation(job_id, seeds, [], None, False, None, error=reason)
+        result = chain.generate(
+            prompt,
+            seeds=seeds,
+            model=model,
+            key=key,
+            batch_size=batch_size,
+            job_id=job_id,
+            ws=ws,
+            progress=False,
+            progress_callback=lambda done, total: self.report_progress(done, total, job_id=job_id),
+        )
+        if result.fragment_key is not None:
+            # The job row was created before the fragment was chosen: link it for lineage.
+            ws.catalog.update_job(job_id, fragment_key=result.fragment_key)
+    return _generation(
+        job_id,
+        result.seeds,
+        result.image_uris,
+        result.fragment_key,
+        result.used_fallback,
+        result.fallback_reason,
+    )
+
+
+def _count_attempt(
+    ws: chain.Workspace, job_id: str, prompt: str, seeds: list[int], model: str | None
+) -> int:
+    """Count this delivery of job ``job_id``; the first one creates the job row.
+
+    The job row needs the base model's catalog id, so the first delivery loads the base
+    before it is counted: a crash while loading the base is not counted (that delivery has
+    no row yet); every later delivery is counted before anything else runs.
+    """
+    try:
+        return ws.catalog.increment_job_attempts(job_id)
+    except NotFoundError:
+        pass
+    info = chain.base(model, ws.settings).info
+    base_row = ws.catalog.get_or_create_base_model(info.name, info.sha256, info.source)
+    ws.catalog.create_job(job_id, base_row.id, prompt.strip(), seeds, None)
+    return ws.catalog.increment_job_attempts(job_id)
+
+
+def _generation(
+    job_id: str,
+    seeds: list[int],
+    image_uris: list[str],
+    fragment_key: str | None,
+    used_fallback: bool,
+    fallback_reason: str | None,
+    *,
+    error: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "seeds": list(seeds),
+        "image_uris": list(image_uris),
+        "fragment_key": fragment_key,
+        "used_fallback": used_fallback,
+        "fallback_reason": fallback_reason,
+        "error": error,
+    }
