@@ -81,6 +81,12 @@ def main(verbose: bool) -> None:
     type=float,
     help="SSIM vs the full model the caching schedule must keep, in (0, 1].",
 )
+@click.option(
+    "--paraphrase",
+    "paraphrases",
+    multiple=True,
+    help="A paraphrase of PROMPT on which reuse is measured (H3); repeatable.",
+)
 @_fail_cleanly
 def run(
     prompt,
@@ -93,6 +99,7 @@ def run(
     no_int8,
     no_caching,
     fidelity,
+    paraphrases,
 ):
     """Profile, extract, validate and generate PROMPT; write a report to --out."""
     from fragjobs import chain
@@ -106,6 +113,9 @@ def run(
         batch_size=batch_size,
         low_rank=not no_low_rank,
         int8=not no_int8,
+        caching=not no_caching,
+        fidelity=fidelity,
+        paraphrases=list(paraphrases) or None,
     )
     hyp = report.summary["hypotheses"]
     click.echo(f"fragment {report.key}: gate {'passed' if report.passed else 'FAILED'}")
@@ -159,7 +169,12 @@ def extract(profile_id, threshold, min_heads, no_low_rank, no_int8, no_caching, 
     from fragjobs import chain
 
     config = chain.extraction_config(
-        threshold, min_heads_per_layer=min_heads, low_rank=not no_low_rank, int8=not no_int8
+        threshold,
+        min_heads_per_layer=min_heads,
+        low_rank=not no_low_rank,
+        int8=not no_int8,
+        caching=not no_caching,
+        fidelity=fidelity,
     )
     click.echo(chain.extract(profile_id, config).key)
 
