@@ -40,6 +40,8 @@ class BaseModelInfo:
     height: int
     width: int
     default_steps: int
+    default_guidance: float = 7.5
+    clip_path: str | None = None  # a matching local CLIPModel folder, when one ships
 
 
 @dataclass
@@ -80,13 +82,23 @@ def load_base(
     if model in BUILTINS:
         spec = BUILTINS[model]
         pipe = spec.build()
-        sha = _cached_hash(
-            ("builtin", model, torch.__version__, _diffusers_version()),
-            settings,
-            lambda: _hash_state_dicts(pipe, model),
-        )
+        if spec.folder is not None:
+            sha = _folder_info(spec.folder, settings, pipe, name=model).sha256
+        else:
+            sha = _cached_hash(
+                ("builtin", model, torch.__version__, _diffusers_version()),
+                settings,
+                lambda: _hash_state_dicts(pipe, model),
+            )
         info = BaseModelInfo(
-            model, sha, f"builtin:{model}", spec.height, spec.width, spec.default_steps
+            model,
+            sha,
+            f"builtin:{model}",
+            spec.height,
+            spec.width,
+            spec.default_steps,
+            spec.default_guidance,
+            str(spec.clip_folder) if spec.clip_folder else None,
         )
     elif Path(model).expanduser().is_dir():
         pipe, info = _load_folder(Path(model).expanduser().resolve(), settings)
@@ -177,15 +189,17 @@ def _cached_hash(cache_key: tuple, settings: Settings, compute) -> str:
     return value
 
 
-def _folder_info(folder: Path, settings: Settings, pipe: Any) -> BaseModelInfo:
+def _folder_info(
+    folder: Path, settings: Settings, pipe: Any, name: str | None = None
+) -> BaseModelInfo:
     stats = [
         (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.suffix in WEIGHT_SUFFIXES
     ]
-    name = folder.name
+    name = name or folder.name
     sha = _cached_hash(
-        ("folder", str(folder), stats), settings, lambda: hash_weight_files(folder, name)
+        ("folder", str(folder), name, stats), settings, lambda: hash_weight_files(folder, name)
     )
     scale = getattr(pipe, "vae_scale_factor", 8)
     size = int(getattr(pipe.unet.config, "sample_size", 64)) * scale

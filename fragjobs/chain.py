@@ -159,7 +159,7 @@ def profile(
     seeds: list[int] | tuple[int, ...] = DEFAULT_PROFILE_SEEDS,
     steps: int | None = None,
     step_stride: int = 2,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     ws: Workspace | None = None,
     progress: bool = True,
 ) -> ProfileResult:
@@ -175,7 +175,7 @@ def profile(
         seeds=tuple(check_seeds(list(seeds))),
         steps=steps if steps is not None else info.default_steps,
         step_stride=step_stride,
-        guidance_scale=guidance_scale,
+        guidance_scale=info.default_guidance if guidance_scale is None else guidance_scale,
         height=info.height,
         width=info.width,
     )
@@ -460,13 +460,7 @@ def validate(
         progress=progress,
         desc="validate: fragment",
     )
-    metrics = compute_quality(
-        full,
-        frag,
-        manifest.profiling.prompt,
-        clip_model_path=ws.settings.clip_model_path,
-        lpips_weights_path=ws.settings.lpips_weights_path,
-    )
+    metrics = _quality(ws, loaded, full, frag, manifest.profiling.prompt)
     gate = evaluate_gate(metrics, thresholds)
     quality = QualityLayer(
         seeds=seeds,
@@ -492,6 +486,18 @@ def validate(
         frag,
         manifest,
         elapsed_s=time.perf_counter() - started,
+    )
+
+
+def _quality(ws: Workspace, loaded: LoadedBase, full, fragment, prompt: str):
+    """Quality metrics; CLIP-score uses the configured CLIP, else the model's own shipped one."""
+    clip = ws.settings.clip_model_path or loaded.info.clip_path
+    return compute_quality(
+        full,
+        fragment,
+        prompt,
+        clip_model_path=Path(clip) if clip else None,
+        lpips_weights_path=ws.settings.lpips_weights_path,
     )
 
 
@@ -561,7 +567,7 @@ def generate(
     key: str | None = None,
     batch_size: int = 4,
     steps: int | None = None,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     job_id: str | None = None,
     ws: Workspace | None = None,
     progress: bool = True,
@@ -602,7 +608,9 @@ def generate(
         if manifest is not None
         else GenerationConfig(
             steps=steps or loaded.info.default_steps,
-            guidance_scale=guidance_scale,
+            guidance_scale=(
+                loaded.info.default_guidance if guidance_scale is None else guidance_scale
+            ),
             height=loaded.info.height,
             width=loaded.info.width,
             batch_size=batch_size,
@@ -872,13 +880,7 @@ def measure_reuse(
     for text in texts:
         full = generate_images(loaded.pipe, text, seeds, gen)
         frag = generate_images(frag_pipe, text, seeds, gen)
-        metrics = compute_quality(
-            full,
-            frag,
-            text,
-            clip_model_path=ws.settings.clip_model_path,
-            lpips_weights_path=ws.settings.lpips_weights_path,
-        )
+        metrics = _quality(ws, loaded, full, frag, text)
         gate = evaluate_gate(metrics, thresholds)
         embedding = prompt_embedding(loaded.pipe, text)
         similarity = float(own @ embedding) if own.shape == embedding.shape else None

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=20 * 2**30, gt=0)
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
-    default_model: str = "tiny-sd"
+    default_model: str = "shapes"
     thresholds_path: Path | None = Field(
         default=None, description="thresholds.yaml for the quality gate; default: packaged."
     )

@@ -199,7 +199,7 @@ def test_truncated_or_rehashed_fragment_folder_is_refused(ws, tmp_path):
         ({"profile_seeds": [-1, 2]}, InvalidInputError, "seed"),
         ({"profile_seeds": ["a"]}, InvalidInputError, "seed"),
         ({"validation_seeds": []}, InvalidInputError, "empty"),
-        ({"model": "no-such-model"}, UnknownModelError, "Available: sd15-shape, tiny-sd"),
+        ({"model": "no-such-model"}, UnknownModelError, "Available: sd15-shape, shapes, tiny-sd"),
         ({"model": "/no/such/folder"}, UnknownModelError, "unknown model"),
     ],
 )

@@ -4,6 +4,11 @@
     An SD-architecture pipeline small enough for tests: 64×64 images, 32×32×4 latents, a UNet
     with four heads in every attention module, a 2-layer CLIP text encoder and the byte-level
     tokenizer. Images are noise-like; the code path is the real one.
+``shapes`` (the default)
+    A small model trained here on procedural scenes (``fragjobs.builtin.scenes``, recipe in
+    ``fragjobs.builtin.train``), shipped as a diffusers folder with its matching tiny CLIP;
+    its files are checked against ``shapes/weights.sha256.json`` before loading. Quality
+    figures on it mean something. See ``shapes/MODEL_CARD.md``.
 ``sd15-shape``
     Stable Diffusion 1.5's UNet shape (860 M parameters, 8 heads, 768-d cross-attention) with
     random weights, for timing. The text encoder and VAE are small stand-ins with the right
@@ -16,8 +21,11 @@ seed inside ``torch.random.fork_rng`` so the caller's RNG state is untouched.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -41,6 +49,9 @@ class BuiltinSpec:
     height: int
     width: int
     default_steps: int
+    default_guidance: float = 7.5
+    folder: Path | None = None  # shipped weights (hashed as a folder)
+    clip_folder: Path | None = None  # matching CLIPModel for CLIP-score
 
 
 def _seeded(seed: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -123,7 +134,12 @@ def build_tiny_sd() -> StableDiffusionPipeline:
 
 
 def build_sd15_shape() -> StableDiffusionPipeline:
-    """The ``sd15-shape`` pipeline: SD 1.5's UNet shape, small text encoder and VAE."""
+    """The ``shapes`` (the default)
+        A small model trained here on procedural scenes (``fragjobs.builtin.scenes``, recipe in
+        ``fragjobs.builtin.train``), shipped as a diffusers folder with its matching tiny CLIP;
+        its files are checked against ``shapes/weights.sha256.json`` before loading. Quality
+        figures on it mean something. See ``shapes/MODEL_CARD.md``.
+    ``sd15-shape`` pipeline: SD 1.5's UNet shape, small text encoder and VAE."""
     unet = _seeded(
         11,
         lambda: UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
@@ -143,7 +159,46 @@ def build_sd15_shape() -> StableDiffusionPipeline:
     return _assemble(unet, vae, _text_encoder(768, 1, 12, seed=13))
 
 
+SHAPES_DIR = Path(__file__).parent / "shapes"
+SHAPES_HASHES = SHAPES_DIR / "weights.sha256.json"
+
+
+def verify_shipped_weights(root: Path = SHAPES_DIR) -> None:
+    """Check every shipped file against ``weights.sha256.json``; raise IntegrityError if not."""
+    from fragjobs.errors import IntegrityError
+
+    expected = json.loads((root / SHAPES_HASHES.name).read_text())
+    for relative, sha in expected.items():
+        path = root / relative
+        try:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise IntegrityError(f"shipped model file {relative} is unreadable: {exc}") from exc
+        if actual != sha:
+            raise IntegrityError(
+                f"shipped model file {relative} does not match its recorded sha256 "
+                f"({actual[:12]}…, expected {sha[:12]}…); reinstall fragjobs"
+            )
+
+
+def build_shapes(root: Path = SHAPES_DIR) -> StableDiffusionPipeline:
+    """The shipped ``shapes`` pipeline, after checking its files' hashes."""
+    verify_shipped_weights(root)
+    return StableDiffusionPipeline.from_pretrained(root / "pipeline", local_files_only=True)
+
+
 BUILTINS: dict[str, BuiltinSpec] = {
+    "shapes": BuiltinSpec(
+        "shapes",
+        "trained here on procedural scenes; matching tiny CLIP (default)",
+        build_shapes,
+        64,
+        64,
+        20,
+        default_guidance=6.0,
+        folder=SHAPES_DIR / "pipeline",
+        clip_folder=SHAPES_DIR / "clip",
+    ),
     "tiny-sd": BuiltinSpec(
         "tiny-sd", "SD-architecture toy, seeded random weights (tests)", build_tiny_sd, 64, 64, 10
     ),

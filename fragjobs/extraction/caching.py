@@ -40,8 +40,8 @@ class BlockCachingConfig:
         deltas: candidate accumulated-change budgets, tried from the largest (fastest) down;
             the extraction keeps the fastest whose images stay within ``min_ssim`` of the full
             model's on the profiling seeds.
-        min_ssim: the fidelity knob, in (0, 1]: mean SSIM against the full model required on
-            the profiling seeds.
+        min_ssim: the fidelity knob, in (0, 1]: SSIM against the full model required on
+            every profiling seed (the worst seed decides).
     """
 
     deltas: tuple[float, ...] = (2.0, 1.5, 1.0, 0.7, 0.5, 0.35, 0.25, 0.15)
@@ -202,7 +202,8 @@ def search_block_caching(
     schedule attached, or with none when no candidate passes.
 
     Returns:
-        ``(schedule or None, one row per candidate tried: delta, estimated_cost, ssim)``.
+        ``(schedule or None, one row per candidate: delta, estimated_cost, ssim_min,
+        ssim_mean)``.
     """
     from fragjobs.generation import GenerationConfig, generate_images, with_unet
     from fragjobs.validation import compute_quality
@@ -229,9 +230,15 @@ def search_block_caching(
         seen.add(signature)
         apply_block_caching(unet, schedule)
         images = generate_images(fragment_pipe, profile.prompt, seeds, gen)
-        ssim = compute_quality(full, images, profile.prompt).ssim
+        quality = compute_quality(full, images, profile.prompt)
+        ssim = min(quality.ssim_per_image)  # every profiling seed must keep the fidelity
         rows.append(
-            {"delta": delta, "estimated_cost": schedule.estimated_cost, "ssim": round(ssim, 6)}
+            {
+                "delta": delta,
+                "estimated_cost": schedule.estimated_cost,
+                "ssim_min": round(ssim, 6),
+                "ssim_mean": round(quality.ssim, 6),
+            }
         )
         if ssim >= config.min_ssim:
             return schedule, rows
