@@ -241,6 +241,41 @@ def generate(prompt, variants, seeds, model, key, batch_size, out_dir):
     )
 
 
+@main.command("eval-model")
+@click.option("--seeds", default=4, show_default=True, type=int)
+@click.option("--steps", default=20, show_default=True, type=int)
+@click.option("--limit", default=None, type=int, help="Only the first N held-out scenes.")
+@click.option("--json-out", default=None, type=click.Path(), help="Also write the report here.")
+@_fail_cleanly
+def eval_model(seeds, steps, limit, json_out):
+    """Read held-out prompts drawn by the shapes model back with its CLIP; print accuracy."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from fragjobs.base_models import load_base
+    from fragjobs.builtin.evaluate import evaluate_model
+
+    loaded = load_base("shapes")
+    clip = CLIPModel.from_pretrained(loaded.info.clip_path).eval()
+    processor = CLIPProcessor.from_pretrained(loaded.info.clip_path)
+    report = evaluate_model(loaded.pipe, clip, processor, seeds=seeds, steps=steps, limit=limit)
+    text = json.dumps(report, indent=2)
+    if json_out:
+        Path(json_out).write_text(text)
+    click.echo(text)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="docs", show_default=True, type=click.Path())
+@click.option("--model", default="shapes", show_default=True)
+@_fail_cleanly
+def results(out_dir, model):
+    """Write the results page (H1–H5 over 10 prompts + profile ablation) to OUT/results.md."""
+    from fragjobs.results import build_results
+
+    build_results(Path(out_dir), model=model)
+    click.echo(f"written {Path(out_dir) / 'results.md'}")
+
+
 @main.group()
 def fragments() -> None:
     """List and inspect stored fragments."""

@@ -1,0 +1,274 @@
+"""The results page: H1–H5 on the shapes model over many prompts, and the profile ablation.
+
+``fragjobs results --out docs`` runs the whole chain (``fragjobs.chain.run``) for each prompt,
+with paraphrases of the prompt for H3, and tests the seed's central claim — that a *prompt's
+own* profile is what makes a fragment good — by pruning the same number of heads chosen from
+(a) the prompt's own profile, (b) another prompt's profile, (c) a model-level profile (head
+scores averaged over all prompts) and (d) random scores, then comparing each with the full
+model on the same seeds (SSIM). Writes ``docs/results.md``, ``docs/results.json`` and the
+side-by-side images under ``docs/results/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fragjobs import chain
+from fragjobs.extraction import HeadPruningConfig, apply_head_pruning_
+from fragjobs.generation import GenerationConfig, generate_images, with_unet
+from fragjobs.validation import compute_quality
+
+PROMPTS = (
+    "a red circle on the left",
+    "a large blue square at the top over a white background",
+    "a small yellow star in the center",
+    "a green triangle on the right over a black background",
+    "a purple cross at the bottom",
+    "a small orange circle at the top over a teal background",
+    "a white star on the left over a pink background",
+    "a large black square on the right over a grey background",
+    "a red star on the left",
+    "a green triangle on the right",
+)
+ABLATION_SEEDS = (1000, 1001, 1002, 1003)
+
+
+def paraphrases_of(prompt: str) -> list[str]:
+    """Two rewordings with the same attributes (synonyms from the scene captions)."""
+    swaps = [
+        {
+            "circle": "disc",
+            "square": "box",
+            "triangle": "three-sided shape",
+            "star": "star shape",
+            "cross": "plus sign",
+            "on the left": "at the left",
+            "on the right": "at the right",
+            "at the top": "up top",
+            "at the bottom": "down at the bottom",
+            "in the center": "in the middle",
+        },
+        {
+            "red": "crimson",
+            "blue": "navy",
+            "yellow": "golden",
+            "green": "emerald",
+            "purple": "violet",
+            "orange": "amber",
+            "large": "big",
+            "small": "tiny",
+            "over a": "on a",
+            "background": "backdrop",
+        },
+    ]
+    out = []
+    for table in swaps:
+        text = prompt
+        for old, new in table.items():
+            text = text.replace(old, new)
+        out.append(text)
+    return [t for t in out if t != prompt]
+
+
+def keep_top(scores: dict[str, torch.Tensor], keep: int) -> HeadPruningConfig:
+    """Keep the ``keep`` best heads overall by score, at least one per module."""
+    flat = sorted(
+        ((float(s), name, h) for name, t in scores.items() for h, s in enumerate(t)),
+        reverse=True,
+    )
+    kept: dict[str, set[int]] = {name: {int(t.argmax())} for name, t in scores.items()}
+    for _, name, head in flat:
+        if sum(len(v) for v in kept.values()) >= keep:
+            break
+        kept[name].add(head)
+    return HeadPruningConfig(keep={n: tuple(sorted(v)) for n, v in kept.items()})
+
+
+def ablation(
+    model: str, profiles: dict[str, Any], keep_ratio: float, ws: chain.Workspace
+) -> list[dict[str, Any]]:
+    """SSIM vs the full model for heads chosen by own / other / model-level / random scores."""
+    loaded = chain.base(model, ws.settings)
+    prompts = list(profiles)
+    own_scores = {p: profiles[p].head_scores() for p in prompts}
+    model_level = {
+        name: torch.stack([own_scores[p][name] for p in prompts]).mean(0)
+        for name in own_scores[prompts[0]]
+    }
+    total = sum(t.numel() for t in model_level.values())
+    keep = round(keep_ratio * total)
+    info = loaded.info
+    gen = GenerationConfig(
+        steps=info.default_steps,
+        guidance_scale=info.default_guidance,
+        height=info.height,
+        width=info.width,
+        batch_size=len(ABLATION_SEEDS),
+    )
+    rows = []
+    for i, prompt in enumerate(prompts):
+        full = generate_images(loaded.pipe, prompt, list(ABLATION_SEEDS), gen)
+        rng = torch.Generator().manual_seed(i)
+        choices = {
+            "own": own_scores[prompt],
+            "other": own_scores[prompts[(i + 1) % len(prompts)]],
+            "model_level": model_level,
+            "random": {n: torch.rand(t.shape, generator=rng) for n, t in model_level.items()},
+        }
+        row: dict[str, Any] = {"prompt": prompt, "heads_kept": f"{keep}/{total}"}
+        for label, scores in choices.items():
+            unet = copy.deepcopy(loaded.pipe.unet)
+            apply_head_pruning_(unet, keep_top(scores, keep))
+            images = generate_images(
+                with_unet(loaded.pipe, unet), prompt, list(ABLATION_SEEDS), gen
+            )
+            row[label] = round(compute_quality(full, images, prompt).ssim, 4)
+        rows.append(row)
+    return rows
+
+
+def build_results(
+    out: Path,
+    *,
+    model: str = "shapes",
+    prompts: tuple[str, ...] = PROMPTS,
+    variants: int = 4,
+    keep_ratio: float = 0.72,
+) -> dict[str, Any]:
+    """Run every prompt and the ablation; write results.md/json and images under ``out``."""
+    ws = chain.workspace()
+    started = time.perf_counter()
+    runs, profiles = [], {}
+    for i, prompt in enumerate(prompts):
+        folder = out / "results" / f"{i:02d}"
+        report = chain.run(
+            prompt,
+            model=model,
+            variants=variants,
+            out_dir=folder,
+            paraphrases=paraphrases_of(prompt),
+            ws=ws,
+            progress=False,
+        )
+        profiles[prompt] = chain.profile(prompt, model=model, ws=ws, progress=False).profile
+        shutil.rmtree(folder / "images", ignore_errors=True)
+        runs.append(
+            {
+                "prompt": prompt,
+                "folder": folder.relative_to(out).as_posix(),
+                "key": report.key,
+                "passed": report.passed,
+                "hypotheses": report.summary["hypotheses"],
+                "fragment_used": not report.generation.used_fallback,
+            }
+        )
+        print(
+            f"[{time.perf_counter() - started:7.1f}s] {prompt}: "
+            + " ".join(f"{h}={v['status']}" for h, v in report.summary["hypotheses"].items()),
+            flush=True,
+        )
+    rows = ablation(model, profiles, keep_ratio, ws)
+    results = {
+        "model": model,
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "command": f"fragjobs results --out {out}",
+        "runs": runs,
+        "ablation": rows,
+        "keep_ratio": keep_ratio,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (out / "results.md").write_text(render_markdown(results))
+    return results
+
+
+def _value(h: dict[str, Any], key: str) -> str:
+    value = h["values"].get(key)
+    return "null" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The page: per-prompt hypotheses with values, a status count, the ablation table."""
+    runs = results["runs"]
+    lines = [
+        f"# fragjobs results on `{results['model']}`",
+        "",
+        f"Reproduce: `{results['command']}` ({results['seconds']} s on {results['machine']}).",
+        "Every number below was measured in that run; speed ratios are full vs fragment, same",
+        "steps, same batch, warm, on this machine. A metric that could not be computed is",
+        "`null` and its hypothesis `UNAVAILABLE`.",
+        "",
+        "## H1–H5 per prompt",
+        "",
+        "| # | prompt | gate | H1 (SSIM, CLIP Δ, LPIPS) | H2 (memory reduction) | "
+        "H3 (reuse pass rate) | H4 (speed-up) | H5 (break-even variants) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, run in enumerate(runs):
+        h = run["hypotheses"]
+        lines.append(
+            f"| {i} | {run['prompt']} | {'pass' if run['passed'] else 'FAIL'} | "
+            f"{h['H1']['status']} ({_value(h['H1'], 'ssim')}, {_value(h['H1'], 'clip_delta')}, "
+            f"{_value(h['H1'], 'lpips')}) | {h['H2']['status']} ({_value(h['H2'], 'reduction')})"
+            f" | {h['H3']['status']} ({_value(h['H3'], 'pass_rate')}) | {h['H4']['status']} "
+            f"({_value(h['H4'], 'speedup')}) | {h['H5']['status']} "
+            f"({_value(h['H5'], 'break_even_variants')}) |"
+        )
+    lines += ["", "Status counts over the prompts:", ""]
+    for name in ("H1", "H2", "H3", "H4", "H5"):
+        counts: dict[str, int] = {}
+        for run in runs:
+            status = run["hypotheses"][name]["status"]
+            counts[status] = counts.get(status, 0) + 1
+        reason = next(
+            (r["hypotheses"][name]["reason"] for r in runs if r["hypotheses"][name]["reason"]), None
+        )
+        lines.append(
+            f"- **{name}** {runs[0]['hypotheses'][name]['name']}: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            + (f" — e.g. {reason}" if reason else "")
+        )
+    lines += [
+        "",
+        "## Does a prompt's own profile make the better fragment?",
+        "",
+        f"Same number of heads kept ({results['ablation'][0]['heads_kept']}), chosen from each "
+        "score; SSIM of the pruned model's images against the full model's, seeds "
+        f"{list(ABLATION_SEEDS)} (pruning only: no low-rank, int8 or caching).",
+        "",
+        "| prompt | own profile | another prompt's | model-level (mean over prompts) | random |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results["ablation"]:
+        lines.append(
+            f"| {row['prompt']} | {row['own']} | {row['other']} | "
+            f"{row['model_level']} | {row['random']} |"
+        )
+    means = {
+        k: sum(r[k] for r in results["ablation"]) / len(results["ablation"])
+        for k in ("own", "other", "model_level", "random")
+    }
+    lines += [
+        "| **mean** | "
+        + " | ".join(f"**{means[k]:.4f}**" for k in ("own", "other", "model_level", "random"))
+        + " |",
+        "",
+        "## Side by side (full model above, fragment below, validation seeds)",
+        "",
+    ]
+    for run in runs:
+        lines += [
+            f"**{run['prompt']}** (`{run['key']}`)",
+            "",
+            f"![{run['prompt']}]({run['folder']}/compare.png)",
+            "",
+        ]
+    return "\n".join(lines) + "\n"
