@@ -273,14 +273,14 @@ def test_cli_run_writes_report_and_errors_are_one_line(settings, tmp_path):
 
 def test_similar_prompt_reuses_the_fragment_and_reuse_is_measured(ws):
     val = _validated_fragment(ws, threshold=1.0)
-    similar = chain.generate("a dog on a jet-ski!", variants=1, model="tiny-sd", ws=ws,
-                             progress=False)
+    similar = chain.generate(
+        "a dog on a jet-ski!", variants=1, model="tiny-sd", ws=ws, progress=False
+    )
     assert similar.fragment_key == val.key and not similar.used_fallback
     other = chain.generate("zzzz qqqq xxxx", variants=1, model="tiny-sd", ws=ws, progress=False)
     assert other.used_fallback and "similar prompt" in other.fallback_reason
 
-    reuse = chain.measure_reuse(val.key, ["a dog on a jet-ski!", "A dog riding a jet ski"],
-                                ws=ws)
+    reuse = chain.measure_reuse(val.key, ["a dog on a jet-ski!", "A dog riding a jet ski"], ws=ws)
     assert reuse["n"] == 2 and reuse["pass_rate"] == 1.0  # every head kept: identical images
     assert all(row["similarity"] > 0.8 for row in reuse["rows"])
     manifest = chain.load_stored_fragment(val.key, ws).manifest
