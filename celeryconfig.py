@@ -2,43 +2,24 @@
 
 ``tasks.app`` loads this module (``app.config_from_object("celeryconfig")``). Nothing here is
 specific to one machine: every value comes from a ``FRAGJOBS_*`` variable through
-:class:`fragjobs.config.Settings` (``FRAGJOBS_BROKER_URL``, ``FRAGJOBS_RESULT_BACKEND`` —
-default: the broker), plus three farm-only ones:
+:class:`fragjobs.farm.FarmSettings` (``FRAGJOBS_BROKER_URL``, ``FRAGJOBS_RESULT_BACKEND`` —
+default: the broker — and the farm-only ones):
 
 * ``FRAGJOBS_TASK_SOFT_TIME_LIMIT`` (seconds, default 3600): the task gets
   ``SoftTimeLimitExceeded`` and can clean up;
 * ``FRAGJOBS_TASK_TIME_LIMIT`` (seconds, default soft limit + 300): the pool process is killed;
 * ``FRAGJOBS_MAX_TASK_ATTEMPTS`` (default 3): a generation job delivered more often than this is
   marked failed instead of being run again, so a task that kills its worker (with
-  ``task_reject_on_worker_lost`` it is redelivered) does not loop forever.
+  ``task_reject_on_worker_lost`` it is redelivered) does not loop forever;
+* ``FRAGJOBS_REVALIDATE_INTERVAL_S`` (default 86400; 0 = no schedule): celery beat sends
+  ``fragjobs.revalidate`` this often;
+* ``FRAGJOBS_AFFINITY_TTL_S`` (default 3600): lifetime of a worker's warm-fragment
+  advertisement (:class:`fragjobs.farm.WarmRegistry`).
 """
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
-
-from fragjobs.config import Settings
-from fragjobs.farm import SHARED_QUEUE
-
-
-class FarmSettings(Settings):
-    """:class:`fragjobs.config.Settings` plus the farm's time limits and attempt limit."""
-
-    task_soft_time_limit: int = Field(default=3600, gt=0)
-    task_time_limit: int | None = Field(default=None, gt=0)
-    max_task_attempts: int = Field(default=3, gt=0)
-
-    @model_validator(mode="after")
-    def _hard_limit_after_soft(self) -> FarmSettings:
-        if self.task_time_limit is None:
-            self.task_time_limit = self.task_soft_time_limit + 300
-        if self.task_time_limit <= self.task_soft_time_limit:
-            raise ValueError(
-                "FRAGJOBS_TASK_TIME_LIMIT must be larger than FRAGJOBS_TASK_SOFT_TIME_LIMIT "
-                f"(got {self.task_time_limit} <= {self.task_soft_time_limit})"
-            )
-        return self
-
+from fragjobs.farm import SHARED_QUEUE, FarmSettings
 
 _settings = FarmSettings()
 
@@ -49,6 +30,7 @@ broker_connection_retry_on_startup = True
 # JSON only: no pickle anywhere (DESIGN §3); tasks exchange ids, URIs and plain JSON.
 task_serializer = "json"
 result_serializer = "json"
+event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 result_extended = True
@@ -60,6 +42,7 @@ worker_prefetch_multiplier = 1
 task_reject_on_worker_lost = True
 task_track_started = True
 fragjobs_max_task_attempts = _settings.max_task_attempts
+fragjobs_affinity_ttl_s = _settings.affinity_ttl_s
 
 task_soft_time_limit = _settings.task_soft_time_limit
 task_time_limit = _settings.task_time_limit
@@ -70,6 +53,24 @@ broker_transport_options = {"visibility_timeout": task_time_limit + 600}
 task_default_queue = SHARED_QUEUE
 task_routes = {"fragjobs.*": {"queue": SHARED_QUEUE}}
 
-# Events for Flower: task-sent from clients, task-started/succeeded/... from workers.
+# Events for Flower: task-sent from clients, task-started/succeeded/... from workers, and the
+# tasks' own task-progress events (step, total).
 worker_send_task_events = True
 task_send_sent_event = True
+
+# Scheduled re-validation. The in-memory scheduler keeps no schedule file: celery's default
+# one is a shelve (pickle). A restarted beat therefore waits one full interval; the task's
+# lock keeps runs from overlapping whatever the schedule does, and `expires` drops a run
+# that could not start before the next one is due.
+beat_scheduler = "celery.beat:Scheduler"
+beat_schedule = (
+    {
+        "fragjobs-revalidate": {
+            "task": "fragjobs.revalidate",
+            "schedule": float(_settings.revalidate_interval_s),
+            "options": {"queue": SHARED_QUEUE, "expires": _settings.revalidate_interval_s},
+        }
+    }
+    if _settings.revalidate_interval_s
+    else {}
+)

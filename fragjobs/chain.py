@@ -54,6 +54,7 @@ from fragjobs.extraction import (
     extract_fragment,
     load_fragment_folder,
     read_fragment,
+    reset_block_caching,
     seal,
 )
 from fragjobs.generation import (
@@ -82,7 +83,7 @@ from fragjobs.keys import (
 from fragjobs.manifest import FragmentManifest, PerformanceLayer, QualityLayer
 from fragjobs.profiling import ProfileConfig, PromptProfile, profile_prompt
 from fragjobs.reports import build_metrics_summary, save_compare_image, tensor_to_pil
-from fragjobs.storage import ObjectStore, open_store
+from fragjobs.storage import LocalStore, ObjectStore, WarmCache, open_store
 from fragjobs.validation import compute_quality, evaluate_gate, load_thresholds
 
 log = logging.getLogger("fragjobs")
@@ -113,6 +114,11 @@ class Workspace:
 
 _WORKSPACES: dict[tuple, Workspace] = {}
 _BASES: OrderedDict[tuple, LoadedBase] = OrderedDict()
+_WARM_CACHES: dict[tuple, WarmCache] = {}
+_FRAGMENT_UNETS: OrderedDict[tuple, tuple[FragmentManifest, torch.nn.Module]] = OrderedDict()
+
+WARM_FRAGMENT_UNETS = 2
+"""How many fragment UNets a process keeps built for generation (least recently used go)."""
 
 
 def workspace(settings: Settings | None = None) -> Workspace:
@@ -349,7 +355,9 @@ def _store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, sta
 def load_stored_fragment(key: str, ws: Workspace | None = None) -> Fragment:
     """Read a fragment from the store, checking manifest and file hashes.
 
-    A hash mismatch marks the fragment ``corrupt`` in the catalog, then raises.
+    A store that is not a local folder (S3) is read through the node's warm cache
+    (:func:`warm_cache`), so a node fetches each fragment object once. A hash mismatch marks
+    the fragment ``corrupt`` in the catalog, then raises.
 
     Raises:
         NotFoundError: no such fragment in the catalog.
@@ -359,9 +367,7 @@ def load_stored_fragment(key: str, ws: Workspace | None = None) -> Fragment:
     row = ws.catalog.get_fragment(validate_key(key))
     try:
         manifest = _read_manifest(ws, row)
-        file_bytes = ws.store.get_bytes(
-            _object_of(row, FRAGMENT_FILE), expected_sha256=row.file_sha256
-        )
+        file_bytes = _read_object(ws, _object_of(row, FRAGMENT_FILE), row.file_sha256)
         return read_fragment(manifest.to_bytes(), file_bytes)
     except (IntegrityError, ManifestError, ObjectNotFoundError) as exc:
         ws.catalog.set_fragment_status(key, "corrupt", str(exc)[:500])
@@ -371,8 +377,31 @@ def load_stored_fragment(key: str, ws: Workspace | None = None) -> Fragment:
 
 
 def _read_manifest(ws: Workspace, row: FragmentEntity) -> FragmentManifest:
-    data = ws.store.get_bytes(_object_of(row, MANIFEST_FILE), expected_sha256=row.manifest_sha256)
+    data = _read_object(ws, _object_of(row, MANIFEST_FILE), row.manifest_sha256)
     return FragmentManifest.from_bytes(data)
+
+
+def warm_cache(ws: Workspace) -> WarmCache | None:
+    """The node-local warm cache in front of ``ws``'s store; None for a local folder.
+
+    A local folder is read at disk speed already; any other store (S3) is read through the
+    cache in ``FRAGJOBS_CACHE_DIR`` (bounded by ``FRAGJOBS_CACHE_MAX_BYTES``), shared by the
+    processes of a node. One instance per folder and process, so its counters add up.
+    """
+    if isinstance(ws.store, LocalStore):
+        return None
+    key = (str(ws.settings.resolved_cache_dir), ws.settings.cache_max_bytes)
+    if key not in _WARM_CACHES:
+        _WARM_CACHES[key] = WarmCache.from_settings(ws.settings)
+    return _WARM_CACHES[key]
+
+
+def _read_object(ws: Workspace, name: str, sha256: str | None) -> bytes:
+    """Object ``name``, checked against ``sha256``; through the warm cache when there is one."""
+    cache = warm_cache(ws)
+    if cache is None or sha256 is None:
+        return ws.store.get_bytes(name, expected_sha256=sha256)
+    return cache.get_bytes(ws.store, name, sha256)
 
 
 def _object_of(row: FragmentEntity, filename: str) -> str:
@@ -385,6 +414,37 @@ def fragment_unet(loaded: LoadedBase, fragment: Fragment) -> torch.nn.Module:
     unet = copy.deepcopy(loaded.pipe.unet)
     apply_fragment_to_unet_(unet, fragment, loaded.info)
     return unet
+
+
+def warm_fragment_unet(
+    ws: Workspace, loaded: LoadedBase, row: FragmentEntity
+) -> tuple[FragmentManifest, torch.nn.Module]:
+    """The fragment's manifest and UNet on ``loaded``, built once and kept warm.
+
+    The process keeps the :data:`WARM_FRAGMENT_UNETS` most recently used UNets, keyed by
+    fragment key, both stored hashes and the base (a rewritten manifest or another base is
+    built anew), so a worker generating batch after batch of one fragment loads it once.
+    Block-caching state is reset before a kept UNet is used again.
+
+    Raises:
+        FragmentIntegrityError: the fragment cannot be read (see :func:`load_stored_fragment`).
+    """
+    key = (row.key, row.manifest_sha256, row.file_sha256, loaded.info.sha256, loaded.pipe.device)
+    entry = _FRAGMENT_UNETS.get(key)
+    if entry is None:
+        fragment = load_stored_fragment(row.key, ws)
+        entry = _FRAGMENT_UNETS[key] = (fragment.manifest, fragment_unet(loaded, fragment))
+        while len(_FRAGMENT_UNETS) > WARM_FRAGMENT_UNETS:
+            _FRAGMENT_UNETS.popitem(last=False)
+    else:
+        reset_block_caching(entry[1])
+    _FRAGMENT_UNETS.move_to_end(key)
+    return entry
+
+
+def warm_fragment_keys() -> list[str]:
+    """Keys of the fragments this process holds warm (:func:`warm_fragment_unet`), newest first."""
+    return list(dict.fromkeys(key[0] for key in reversed(_FRAGMENT_UNETS)))
 
 
 def apply_fragment_(
@@ -842,9 +902,8 @@ def _fragment_pipe_or_fallback(ws, loaded, base_model_id, prompt, key):
                 f"fragment {row.key} is {row.status}"
                 + (f" ({row.status_reason})" if row.status_reason else "")
             )
-        fragment = load_stored_fragment(row.key, ws)
-        pipe = with_unet(loaded.pipe, fragment_unet(loaded, fragment))
-        return pipe, row.key, None, fragment.manifest
+        manifest, unet = warm_fragment_unet(ws, loaded, row)
+        return with_unet(loaded.pipe, unet), row.key, None, manifest
     except FragmentError as exc:
         log.warning("fragment %s unusable, falling back to the full model: %s", row.key, exc)
         return loaded.pipe, None, f"fragment {row.key} unusable: {exc}", None
@@ -923,5 +982,8 @@ __all__ = [
     "record_performance",
     "run",
     "validate",
+    "warm_cache",
+    "warm_fragment_keys",
+    "warm_fragment_unet",
     "workspace",
 ]

@@ -339,9 +339,12 @@ def db_upgrade():
     click.echo(f"{mask_url(url)} at revision {revision}")
 
 
-from fragjobs.farm import farm  # noqa: E402  (the farm commands, registered last)
+from fragjobs.farm import farm, flower  # noqa: E402  (the farm commands, registered last)
+from fragjobs.revalidate import revalidate_command  # noqa: E402
 
 main.add_command(farm)
+main.add_command(flower)
+main.add_command(revalidate_command)
 
 
 if __name__ == "__main__":

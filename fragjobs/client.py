@@ -19,14 +19,26 @@ argument, so the fan-out needs no chord (and no chord-unlock polling); ``wait`` 
 batches by their task ids, which are assigned here before anything is sent. When the catalog
 already has a ready fragment for the prompt on this model, only the group is sent.
 
+Routing: every task goes to the shared queue ``gpu`` unless ``queue=`` pins the whole job to
+one queue (``gpu.<node>.<i>``: one worker). When only the group is sent, fragment affinity
+applies (``affinity=True``): the workers that advertise the fragment warm
+(:class:`fragjobs.farm.WarmRegistry`) and reply to ``inspect`` with no running task and an
+empty own queue each get one batch on their own queue (:func:`plan_batch_queues`); the other
+batches go to the shared queue, where any worker loads the fragment from the store. A batch
+sent to a worker's own queue waits for that worker: its pool replaces a killed process, but
+a node that is gone for good leaves it queued until it returns.
+
 Everything is validated before anything is queued. Celery is imported lazily; this module is
 the only part of :mod:`fragjobs` (with :mod:`fragjobs.farm`) that knows about it.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 import uuid
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,19 +47,46 @@ from fragjobs.cache import lookup_prompt
 from fragjobs.catalog import Catalog, FragmentEntity
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
+from fragjobs.farm import WarmRegistry, WarmWorker
 from fragjobs.keys import check_fraction, check_int, check_seeds, normalise_prompt
+
+log = logging.getLogger("fragjobs.client")
+
+AFFINITY_INSPECT_TIMEOUT_S = 0.5
+"""How long routing waits for the warm workers' ``inspect`` replies."""
 
 _POLL_S = 0.5
 _RUNNING_STATES = ("STARTED", "PROGRESS", "RETRY", "SUCCESS")
+_QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def plan_batch_queues(
+    count: int, holders: Sequence[WarmWorker], free: Collection[str]
+) -> list[str | None]:
+    """The queue of each of ``count`` batches of one fragment.
+
+    Each free holder (``holders`` in order of preference, ``free`` their hostnames that can
+    start at once) gets one batch on its own queue; the other batches get None (the shared
+    queue), so they start on whichever worker is free instead of waiting for a holder.
+
+    Example::
+
+        plan_batch_queues(3, [WarmWorker("gpu0@n1", "gpu.n1.0", ("k",), 0.0)], {"gpu0@n1"})
+        # ["gpu.n1.0", None, None]
+    """
+    own = [w.queue for w in holders if w.hostname in free and w.queue]
+    own = list(dict.fromkeys(own))[:count]
+    return [*own, *[None] * (count - len(own))]
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One generate task: its Celery task id, its catalog job id and its seeds."""
+    """One generate task: Celery task id, catalog job id, seeds, queue (None: the default)."""
 
     task_id: str
     job_id: str
     seeds: tuple[int, ...]
+    queue: str | None = None
 
 
 @dataclass
@@ -56,7 +95,9 @@ class FarmResult:
 
     ``fragment_key`` is the fragment the images were generated with (None when every batch
     fell back to the full model); ``lineage`` follows the catalog from the fragment that was
-    used or built (None when there is none); ``errors`` lists batches given up as poison jobs.
+    used or built (None when there is none); ``errors`` lists batches given up as poison jobs;
+    ``used_fallback`` says whether any batch ran on the full model and ``fallback_reasons``
+    why (distinct reasons); ``workers`` names the worker of each batch, in order.
     """
 
     image_uris: list[str]
@@ -64,6 +105,9 @@ class FarmResult:
     job_ids: list[str]
     lineage: dict[str, Any] | None
     errors: list[str] = field(default_factory=list)
+    used_fallback: bool = False
+    fallback_reasons: list[str] = field(default_factory=list)
+    workers: list[str | None] = field(default_factory=list)
 
 
 class FarmJob:
@@ -160,12 +204,16 @@ class FarmJob:
         used = next((o["fragment_key"] for o in outputs if o.get("fragment_key")), None)
         built = self._stage_output("validate") or self._stage_output("extract") or {}
         lineage_key = used or self.reused_fragment or built.get("key")
+        reasons = [o["fallback_reason"] for o in outputs if o.get("fallback_reason")]
         return FarmResult(
             image_uris=[uri for output in outputs for uri in output["image_uris"]],
             fragment_key=used,
             job_ids=self.job_ids,
             lineage=self.farm.catalog.lineage(lineage_key) if lineage_key else None,
             errors=[o["error"] for o in outputs if o.get("error")],
+            used_fallback=any(o.get("used_fallback") for o in outputs),
+            fallback_reasons=list(dict.fromkeys(reasons)),
+            workers=[o.get("worker") for o in outputs],
         )
 
     def _stage_output(self, name: str) -> dict[str, Any] | None:
@@ -189,6 +237,7 @@ class Farm:
         self.settings = settings or get_settings()
         self._app: Any = None
         self._catalog: Catalog | None = None
+        self._registry: list[WarmRegistry | None] = []
 
     def __enter__(self) -> Farm:
         return self
@@ -202,6 +251,8 @@ class Farm:
             self._app.close()
         if self._catalog is not None:
             self._catalog.dispose()
+        if self._registry and self._registry[0] is not None:
+            self._registry[0].close()
 
     @property
     def app(self) -> Any:
@@ -236,6 +287,13 @@ class Farm:
             self._catalog = Catalog.open_embedded(self.settings)
         return self._catalog
 
+    @property
+    def registry(self) -> WarmRegistry | None:
+        """The warm-fragment registry in the broker; None when the broker is not Redis."""
+        if not self._registry:
+            self._registry.append(WarmRegistry.for_broker(self.settings.broker_url))
+        return self._registry[0]
+
     def submit(
         self,
         prompt: str,
@@ -244,6 +302,10 @@ class Farm:
         batch_size: int = 4,
         threshold: float = 0.75,
         seeds: list[int] | None = None,
+        *,
+        queue: str | None = None,
+        affinity: bool = True,
+        pipeline_batch_size: int | None = None,
     ) -> FarmJob:
         """Queue the chain for ``prompt``: ``variants`` seeds (or ``seeds``) in batches.
 
@@ -255,6 +317,11 @@ class Farm:
             batch_size: seeds per generate task (one catalog job each).
             threshold: fraction of attention heads the fragment keeps, in (0, 1].
             seeds: explicit seeds (distinct, non-negative).
+            queue: send every task to this queue (``gpu.<node>.<i>``: one worker) instead of
+                routing them.
+            affinity: route batches of a ready fragment to free workers that hold it warm.
+            pipeline_batch_size: images per pipeline call inside a task (default:
+                ``batch_size``); PROGRESS is reported after each call.
 
         Returns:
             the :class:`FarmJob`, to follow with ``progress()`` and ``wait()``.
@@ -266,11 +333,22 @@ class Farm:
         from celery import chain, group
 
         prompt, model, seeds = self._check(prompt, variants, model, batch_size, threshold, seeds)
+        if pipeline_batch_size is not None:
+            check_int(pipeline_batch_size, "pipeline_batch_size", minimum=1, maximum=1024)
+        if queue is not None and not _QUEUE_PATTERN.match(str(queue)):
+            raise InvalidInputError(f"queue must be a queue name such as gpu.n1.0, got {queue!r}")
         ready = self._ready_fragment(model, prompt)
         app = self.app
+        chunks = [tuple(seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
+        if queue is not None:
+            queues: list[str | None] = [queue] * len(chunks)
+        elif ready is not None and affinity:
+            queues = self._affinity_queues(ready.key, len(chunks))
+        else:
+            queues = [None] * len(chunks)
         batches = [
-            Batch(str(uuid.uuid4()), uuid.uuid4().hex[:20], tuple(seeds[i : i + batch_size]))
-            for i in range(0, len(seeds), batch_size)
+            Batch(str(uuid.uuid4()), uuid.uuid4().hex[:20], chunk, q)
+            for chunk, q in zip(chunks, queues, strict=True)
         ]
         upstream = () if ready is None else ({"key": ready.key},)
         key_text = ready.key if ready is not None else "from validate"
@@ -283,9 +361,10 @@ class Farm:
                     "seeds": list(b.seeds),
                     "job_id": b.job_id,
                     "model": model,
-                    "batch_size": batch_size,
+                    "batch_size": pipeline_batch_size or batch_size,
                 },
                 task_id=b.task_id,
+                **({"queue": b.queue} if b.queue else {}),
                 argsrepr=f"({prompt!r}, key={key_text})",
                 kwargsrepr=f"{{seeds {b.seeds[0]}..{b.seeds[-1]} ({len(b.seeds)}), "
                 f"job_id={b.job_id!r}}}",
@@ -296,6 +375,7 @@ class Farm:
             group(generates, app=app).apply_async()
             return FarmJob(self, {}, batches, ready.key)
         stage_ids = {name: str(uuid.uuid4()) for name in ("profile", "extract", "validate")}
+        pinned = {"queue": queue} if queue is not None else {}
         stages = [
             app.signature(
                 "fragjobs.profile",
@@ -303,21 +383,59 @@ class Farm:
                 kwargs={"model": model},
                 task_id=stage_ids["profile"],
                 argsrepr=repr((prompt,)),
+                **pinned,
             ),
             app.signature(
                 "fragjobs.extract",
                 kwargs={"threshold": threshold, "model": model},
                 task_id=stage_ids["extract"],
                 argsrepr=f"(profile of {prompt!r})",
+                **pinned,
             ),
             app.signature(
                 "fragjobs.validate",
                 task_id=stage_ids["validate"],
                 argsrepr=f"(fragment of {prompt!r})",
+                **pinned,
             ),
         ]
         chain(*stages, group(generates, app=app), app=app).apply_async()
         return FarmJob(self, stage_ids, batches, None)
+
+    def _affinity_queues(self, key: str, count: int) -> list[str | None]:
+        """Queues of ``count`` batches of fragment ``key``: see :func:`plan_batch_queues`.
+
+        A worker counts as free when it replies to ``inspect`` (within
+        :data:`AFFINITY_INSPECT_TIMEOUT_S`) with no running task and its own queue is empty.
+        Any broker error gives up affinity for this job (every batch to the shared queue).
+        """
+        shared: list[str | None] = [None] * count
+        registry = self.registry
+        if registry is None:
+            return shared
+        from kombu.exceptions import KombuError
+        from redis.exceptions import RedisError
+
+        try:
+            holders = [w for w in registry.holders(key) if w.queue]
+            if not holders:
+                return shared
+            names = [w.hostname for w in holders]
+            inspect = self.app.control.inspect(
+                destination=names, timeout=AFFINITY_INSPECT_TIMEOUT_S, limit=len(names)
+            )
+            active = inspect.active() or {}
+            free = {
+                w.hostname
+                for w in holders
+                if w.hostname in active
+                and not active[w.hostname]
+                and registry.waiting(w.queue) == 0
+            }
+        except (RedisError, KombuError, OSError) as exc:
+            log.warning("fragment affinity unavailable (%s): using the shared queue", exc)
+            return shared
+        return plan_batch_queues(count, holders, free)
 
     def _check(
         self,

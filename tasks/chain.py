@@ -10,9 +10,16 @@ argument, so ``profile | extract | validate | group(generate, ...)`` is a plain 
     validate({"key": ...})                     -> {"key", "passed", "status", ...}
     generate({"key": ...}, prompt=..., seeds=[0, 1], job_id=...) -> {"job_id", "image_uris", ...}
 
+Every result also names the ``worker`` (Celery hostname) that produced it.
+
 Every task is idempotent (``task_acks_late`` may run it twice): the core's steps find the rows
 and objects they already wrote; ``validate`` returns the recorded verdict of a fragment that
-was already validated; ``generate`` keeps the images a previous delivery stored.
+was already validated (a ``corrupt`` one is not validated again: it must be rebuilt);
+``generate`` keeps the images a previous delivery stored.
+
+While it runs, a task reports ``PROGRESS`` (``{"step", "total", ...}``) to the result backend
+(:meth:`FarmJob.progress <fragjobs.client.FarmJob.progress>`) and as a ``task-progress`` event,
+which Flower shows as the task's state and result until it finishes.
 
 Retries: only transient failures (catalog database, broker or object store unreachable) are
 retried, with exponential backoff, at most three times. A generation job counts its
@@ -45,6 +52,7 @@ from fragjobs.errors import (
 )
 from fragjobs.keys import normalise_prompt, validate_key
 from tasks.app import app
+from tasks.worker import advertise_warm_fragments
 
 log = logging.getLogger("fragjobs.tasks")
 
@@ -94,13 +102,18 @@ class ChainTask(Task):
     max_retries = 3
 
     def report_progress(self, step: int, total: int, **meta: Any) -> None:
-        """Set the state ``PROGRESS`` with ``{"step", "total", **meta}`` (shown by Flower).
+        """Set the state ``PROGRESS`` with ``{"step", "total", **meta}`` and tell Flower.
 
-        Nothing happens when the task function is called directly (no task id).
+        Nothing happens when the task function is called directly (no task id); a task run
+        eagerly (``apply``) sends no event.
         """
         if self.request.id is None:
             return
-        self.update_state(state="PROGRESS", meta={"step": step, "total": total, **meta})
+        info = {"step": step, "total": total, **meta}
+        self.update_state(state="PROGRESS", meta=info)
+        if not self.request.is_eager and self.request.hostname:
+            # A custom event type becomes the task's state in Flower (celery.events.state).
+            self.send_event("task-progress", result=info)
 
 
 def max_attempts(celery_app: Any) -> int:
@@ -145,6 +158,7 @@ def profile(
         "stats_uri": result.stats_uri,
         "importance_uri": result.importance_uri,
         "reused": result.reused,
+        "worker": self.request.hostname,
     }
 
 
@@ -169,6 +183,7 @@ def extract(
         "profile_id": profile_id,
         "storage_uri": result.storage_uri,
         "reused": result.reused,
+        "worker": self.request.hostname,
     }
 
 
@@ -180,7 +195,9 @@ def validate(
 
     A fragment that was validated already returns its recorded verdict. A fragment that
     cannot be read (corrupt, manifest unreadable) does not fail the chain: the result says
-    so (``status: corrupt``) and generation falls back to the full model.
+    so (``status: corrupt``) and generation falls back to the full model. A fragment marked
+    corrupt stays so (a node's warm cache may still hold good bytes, but the store does not):
+    ``fragjobs revalidate --key`` restores it once its objects are repaired.
     """
     key = validate_key(_field(upstream, "key"))
     self.report_progress(0, 1, stage="validate", key=key)
@@ -189,7 +206,11 @@ def validate(
         row = ws.catalog.get_fragment(key)
         latest = ws.catalog.latest_validation(key)
         if row.status in VALIDATED_STATUSES and latest is not None:
-            return _verdict(key, row.status, latest.passed, latest.id, reused=True)
+            return _verdict(self, key, row.status, latest.passed, latest.id, reused=True)
+        if row.status == "corrupt":
+            latest_id = latest.id if latest is not None else None
+            verdict = _verdict(self, key, row.status, False, latest_id, reused=True)
+            return {**verdict, "error": f"fragment {key} is corrupt: {row.status_reason}"}
         try:
             chain.validate(
                 key,
@@ -200,14 +221,20 @@ def validate(
         except FragmentError as exc:
             log.warning("fragment %s cannot be validated: %s", key, exc)
             status = ws.catalog.get_fragment(key).status
-            return {**_verdict(key, status, False, None, reused=False), "error": str(exc)}
+            return {**_verdict(self, key, status, False, None, reused=False), "error": str(exc)}
         row = ws.catalog.get_fragment(key)
         latest = ws.catalog.latest_validation(key)
-    return _verdict(key, row.status, latest.passed, latest.id, reused=False)
+    return _verdict(self, key, row.status, latest.passed, latest.id, reused=False)
 
 
 def _verdict(
-    key: str, status: str, passed: bool, validation_id: int | None, *, reused: bool
+    task: ChainTask,
+    key: str,
+    status: str,
+    passed: bool,
+    validation_id: int | None,
+    *,
+    reused: bool,
 ) -> dict[str, Any]:
     return {
         "key": key,
@@ -215,6 +242,7 @@ def _verdict(
         "passed": passed,
         "validation_id": validation_id,
         "reused": reused,
+        "worker": task.request.hostname,
     }
 
 
@@ -233,8 +261,14 @@ def generate(
 
     ``upstream`` names the fragment to use (validate's result, ``{"key": ...}`` or the key);
     None uses the prompt's ready fragment if there is one. An unusable fragment falls back to
-    the full model (``used_fallback``). Returns the job id, image URIs, the fragment key used
-    and ``error`` (None, or why a poison job was given up).
+    the full model (``used_fallback``, ``fallback_reason``). ``batch_size`` is how many images
+    one pipeline call makes (PROGRESS is reported after each call).
+
+    Returns the job id, image URIs, the fragment key used, ``error`` (None, or why a poison
+    job was given up), the ``worker``, where the fragment came from (``fragment_source``:
+    ``memory`` — this process held it warm —, ``node cache``, ``store`` or None) and what
+    the node's warm cache did for this batch (``warm_cache``: hits, misses, fetched bytes).
+    After the batch the worker advertises the fragments it holds warm (affinity).
     """
     key = _field(upstream, "key") if upstream is not None else None
     normalise_prompt(prompt)
@@ -252,6 +286,9 @@ def generate(
             log.error(reason)
             ws.catalog.update_job(job_id, status="failed", finished_at=datetime.now(UTC))
             return _generation(job_id, seeds, [], None, False, None, error=reason)
+        warm_before = set(chain.warm_fragment_keys())
+        cache = chain.warm_cache(ws)
+        counters = _cache_counters(cache)
         result = chain.generate(
             prompt,
             seeds=seeds,
@@ -261,19 +298,40 @@ def generate(
             job_id=job_id,
             ws=ws,
             progress=False,
-            progress_callback=lambda done, total: self.report_progress(done, total, job_id=job_id),
+            progress_callback=lambda done, total: self.report_progress(
+                done, total, job_id=job_id, worker=self.request.hostname
+            ),
         )
         if result.fragment_key is not None:
             # The job row was created before the fragment was chosen: link it for lineage.
             ws.catalog.update_job(job_id, fragment_key=result.fragment_key)
-    return _generation(
-        job_id,
-        result.seeds,
-        result.image_uris,
-        result.fragment_key,
-        result.used_fallback,
-        result.fallback_reason,
-    )
+    fetched = {k: v - counters[k] for k, v in _cache_counters(cache).items()}
+    if result.fragment_key is None:
+        source = None
+    elif result.fragment_key in warm_before:
+        source = "memory"
+    else:
+        source = "store" if cache is None or fetched["misses"] else "node cache"
+    advertise_warm_fragments()
+    return {
+        **_generation(
+            job_id,
+            result.seeds,
+            result.image_uris,
+            result.fragment_key,
+            result.used_fallback,
+            result.fallback_reason,
+        ),
+        "worker": self.request.hostname,
+        "fragment_source": source,
+        "warm_cache": fetched,
+    }
+
+
+def _cache_counters(cache: Any) -> dict[str, int]:
+    if cache is None:
+        return {"hits": 0, "misses": 0, "fetched_bytes": 0}
+    return {"hits": cache.hits, "misses": cache.misses, "fetched_bytes": cache.fetched_bytes}
 
 
 def _count_attempt(

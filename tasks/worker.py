@@ -1,10 +1,16 @@
-"""Worker start-up: refuse an unusable catalog, open one workspace per pool process.
+"""Worker start-up and shutdown: refuse an unusable catalog, own workspaces, affinity.
 
 * ``worker_init`` (main worker process, before the pool forks): the catalog must be reachable
   and at this code's schema revision; otherwise the worker logs why (with the command that
   fixes it) and exits with status :data:`EXIT_CATALOG_UNUSABLE` instead of failing every task.
+  The worker's hostname and own queue (``gpu.<node>.<i>``) are noted for the advertisements.
 * ``worker_process_init`` (each pool process, after fork): forget the workspaces inherited
-  from the parent, so that no database connection or pool is shared across processes.
+  from the parent, so that no database connection or pool is shared across processes, and
+  withdraw the worker's warm-fragment advertisement: a new pool process holds nothing warm.
+* ``worker_process_shutdown`` / ``worker_shutdown``: withdraw the advertisement.
+
+:func:`advertise_warm_fragments` (called by the generate task) publishes what the pool
+process holds warm (:class:`fragjobs.farm.WarmRegistry`).
 """
 
 from __future__ import annotations
@@ -13,15 +19,25 @@ import logging
 import sys
 from typing import Any
 
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
+from redis.exceptions import RedisError
 
 from fragjobs import chain
 from fragjobs.catalog import Catalog
 from fragjobs.errors import CatalogError
+from fragjobs.farm import SHARED_QUEUE, WarmRegistry
 
 log = logging.getLogger("fragjobs.tasks")
 
 EXIT_CATALOG_UNUSABLE = 3
+
+_identity: dict[str, Any] = {"hostname": None, "queue": None, "app": None}
+_registry: list[WarmRegistry | None] = []
 
 
 @worker_init.connect
@@ -40,7 +56,58 @@ def refuse_unusable_catalog(**_: Any) -> None:
     catalog.dispose()
 
 
+@worker_init.connect
+def note_identity(sender: Any = None, **_: Any) -> None:
+    """Remember this worker's hostname and own queue (inherited by the pool processes)."""
+    if sender is None:
+        return
+    consumed = sorted(sender.app.amqp.queues.consume_from or ())
+    own = [name for name in consumed if name != SHARED_QUEUE]
+    _identity.update(hostname=sender.hostname, queue=own[0] if own else None, app=sender.app)
+
+
 @worker_process_init.connect
 def open_own_workspace(**_: Any) -> None:
     """Drop workspaces inherited through fork: this process opens its own on first use."""
     chain._WORKSPACES.clear()
+    _registry.clear()
+    withdraw_advertisement()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def withdraw_advertisement(**_: Any) -> None:
+    """Delete this worker's warm-fragment advertisement (nothing is held warm any more)."""
+    registry = _warm_registry()
+    if registry is None:
+        return
+    try:
+        registry.forget(_identity["hostname"])
+    except RedisError as exc:
+        log.warning("cannot withdraw the warm-fragment advertisement: %s", exc)
+
+
+def advertise_warm_fragments() -> list[str]:
+    """Publish the fragments this pool process holds warm; return their keys.
+
+    Affinity is an optimisation: a broker error is logged, never raised.
+    """
+    keys = chain.warm_fragment_keys()
+    registry = _warm_registry()
+    if registry is not None:
+        try:
+            registry.advertise(_identity["hostname"], _identity["queue"], keys)
+        except RedisError as exc:
+            log.warning("cannot advertise warm fragments %s: %s", keys, exc)
+    return keys
+
+
+def _warm_registry() -> WarmRegistry | None:
+    """The registry of this worker's broker; None outside a worker or without Redis."""
+    app = _identity["app"]
+    if app is None or _identity["hostname"] is None:
+        return None
+    if not _registry:
+        ttl = int(app.conf.get("fragjobs_affinity_ttl_s") or 3600)
+        _registry.append(WarmRegistry.for_broker(app.conf.broker_url, ttl))
+    return _registry[0]

@@ -1,8 +1,18 @@
-"""Shared fixtures: an isolated embedded workspace and the built-in tiny-sd pipeline."""
+"""Shared fixtures: an isolated embedded workspace, the built-in tiny-sd pipeline, a ready
+fragment to copy, and the optional services (Redis database, moto S3 server)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,3 +56,163 @@ def tiny_pipe():
     pipe = build_tiny_sd()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- services shared by several test modules ------------------------------------------------
+#
+# Redis, PostgreSQL and moto are optional: a test that needs one is skipped with the reason.
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+S3_REGION = "us-east-1"
+AWS_TEST_ENV = {
+    # Dummy credentials, and no user AWS config that could point elsewhere.
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": S3_REGION,
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def service_reachable(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (within a second)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class RedisDatabase:
+    """An empty Redis database of a test's own: its URL and a client on it."""
+
+    url: str
+    client: Any
+
+
+@contextlib.contextmanager
+def _scratch_redis() -> Iterator[RedisDatabase]:
+    if not service_reachable(REDIS_HOST, REDIS_PORT):
+        pytest.skip(f"needs the Redis server at {REDIS_HOST}:{REDIS_PORT}")
+    import redis
+
+    from fragjobs.errors import ConfigError
+    from fragjobs.farm import scratch_redis_database
+
+    try:
+        with scratch_redis_database(REDIS_HOST, REDIS_PORT) as url:
+            client = redis.Redis.from_url(url)
+            try:
+                yield RedisDatabase(url, client)
+            finally:
+                client.close()
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def redis_db() -> Iterator[RedisDatabase]:
+    """An empty Redis database (1-15) claimed for this test, flushed afterwards."""
+    with _scratch_redis() as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+def module_redis_db() -> Iterator[RedisDatabase]:
+    """An empty Redis database claimed for a whole test module, flushed afterwards."""
+    with _scratch_redis() as database:
+        yield database
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """URL of a moto S3 server (HTTP, free local port) for the whole test session."""
+    moto_server = pytest.importorskip("moto.server", reason="needs moto[server]")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy AWS credentials in the environment (:data:`AWS_TEST_ENV`)."""
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in AWS_UNSET:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3_admin(moto_endpoint: str, aws_env: None) -> Any:
+    """A plain boto3 client, for what the store must not do: create buckets, tamper."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name=S3_REGION)
+
+
+@pytest.fixture
+def s3_bucket(s3_admin: Any) -> str:
+    """A fresh, empty bucket of this test's own."""
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    s3_admin.create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture
+def s3_store(moto_endpoint: str, s3_bucket: str) -> Any:
+    """An S3Store at ``s3://<fresh bucket>/farm`` with a 5 MiB multipart threshold."""
+    from fragjobs.storage import S3Store
+
+    return S3Store(
+        f"s3://{s3_bucket}/farm",
+        endpoint_url=moto_endpoint,
+        region=S3_REGION,
+        multipart_threshold=5 * 2**20,
+        multipart_chunksize=5 * 2**20,
+    )
+
+
+@dataclass(frozen=True)
+class FragmentTemplate:
+    """An embedded data folder (SQLite catalog + local store) holding one ready fragment."""
+
+    data_dir: Path
+    key: str
+    prompt: str
+
+    def copy_to(self, folder: Path) -> Settings:
+        """Copy the data folder to ``folder``; return settings of the copy (never edit ours)."""
+        shutil.copytree(self.data_dir, folder)
+        return Settings(
+            data_dir=folder,
+            database_url=None,
+            storage_url=None,
+            cache_dir=None,
+            thresholds_path=None,
+        )
+
+
+@pytest.fixture(scope="session")
+def ready_fragment_template(tmp_path_factory: pytest.TempPathFactory) -> FragmentTemplate:
+    """A tiny-sd fragment that passed its gate, built once per session (cheap settings)."""
+    from fragjobs import chain
+
+    data_dir = tmp_path_factory.mktemp("template") / "data"
+    settings = Settings(data_dir=data_dir, database_url=None, storage_url=None)
+    workspace = chain.Workspace.open(settings)
+    prompt = "a red circle"
+    try:
+        prof = chain.profile(
+            prompt, model="tiny-sd", seeds=[0, 1], steps=4, ws=workspace, progress=False
+        )
+        ext = chain.extract(prof.profile_id, ws=workspace, model="tiny-sd")
+        val = chain.validate(ext.key, seeds=[1000, 1001], ws=workspace, progress=False)
+    finally:
+        workspace.close()
+    if not val.passed:
+        pytest.fail(f"the template fragment failed its gate: {val.gate}")
+    return FragmentTemplate(data_dir, ext.key, prompt)

@@ -1,6 +1,7 @@
 """Tests of fragjobs.storage.s3: the real S3Store against moto's S3 server over HTTP.
 
-The server fixtures here are also used by tests/test_warm_cache.py.
+The server fixtures (``moto_endpoint``, ``aws_env``, ``s3_admin``, ``s3_bucket``, ``s3_store``)
+live in conftest.py.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import hashlib
 import os
 import socket
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,57 +29,6 @@ from fragjobs.storage import s3 as s3_module
 MiB = 2**20
 NAME = "fragments/tiny-sd/tiny-sd_0123456789abcdef_01234567/manifest.json"
 REGION = "us-east-1"
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """URL of a moto S3 server on a free local port, for the whole test session."""
-    moto_server = pytest.importorskip("moto.server", reason="needs moto[server]")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dummy credentials, and no user AWS config that could point elsewhere."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def s3_admin(moto_endpoint: str, aws_env: None) -> Any:
-    """A plain boto3 client, for what the store must not do: create buckets, tamper."""
-    import boto3
-
-    return boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION)
-
-
-@pytest.fixture
-def s3_bucket(s3_admin: Any) -> str:
-    """A fresh, empty bucket of this test's own."""
-    bucket = f"test-{uuid.uuid4().hex[:16]}"
-    s3_admin.create_bucket(Bucket=bucket)
-    return bucket
-
-
-@pytest.fixture
-def s3_store(moto_endpoint: str, s3_bucket: str) -> S3Store:
-    """An S3Store at ``s3://<fresh bucket>/farm`` with a 5 MiB multipart threshold."""
-    return S3Store(
-        f"s3://{s3_bucket}/farm",
-        endpoint_url=moto_endpoint,
-        region=REGION,
-        multipart_threshold=5 * MiB,
-        multipart_chunksize=5 * MiB,
-    )
 
 
 def files_under(path: Path) -> list[str]:

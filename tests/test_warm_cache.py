@@ -1,4 +1,7 @@
-"""Tests of fragjobs.storage.warm_cache: fetched once, verified on every read, bounded LRU."""
+"""Tests of fragjobs.storage.warm_cache: fetched once, verified on every read, bounded LRU.
+
+The S3 fixtures (moto server) come from conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-# The moto server fixtures live with the S3 backend's tests.
-from test_storage_s3 import aws_env, moto_endpoint, s3_admin, s3_bucket, s3_store  # noqa: F401
 
 from fragjobs.errors import IntegrityError, InvalidInputError, ObjectNotFoundError
 from fragjobs.storage import LocalStore, ObjectStore, WarmCache
