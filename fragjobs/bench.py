@@ -35,6 +35,7 @@ from fragjobs.config import Settings
 
 TECHNIQUES = ("heads", "low_rank", "int8", "caching", "all")
 PEERS = ("deepcache_3", "deepcache_5", "tome_0.5")
+FIXED_SIZE = ("tiny-sd", "shapes")  # trained/built for 64×64
 
 
 def _extraction_config(technique: str, threshold: float, fidelity: float):
@@ -104,14 +105,25 @@ def bench_model(
     height = width = size or info.height
     steps = steps or info.default_steps
     gen = GenerationConfig(
-        steps=steps, guidance_scale=7.5, height=height, width=width, batch_size=batch_size
+        steps=steps,
+        guidance_scale=info.default_guidance,
+        height=height,
+        width=width,
+        batch_size=batch_size,
     )
     eval_seeds = list(range(100, 100 + batch_size))
     started = time.perf_counter()
     prof = profile_prompt(
         pipe,
         prompt,
-        ProfileConfig(seeds=(0, 1), steps=steps, step_stride=1, height=height, width=width),
+        ProfileConfig(
+            seeds=(0, 1),
+            steps=steps,
+            step_stride=1,
+            guidance_scale=info.default_guidance,
+            height=height,
+            width=width,
+        ),
         progress=False,
     )
     profile_s = time.perf_counter() - started
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fidelity", type=float, default=0.9, help="caching: min SSIM")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
-        "--size", type=int, default=None, help="image side for models other than tiny-sd"
+        "--size", type=int, default=None, help="image side (not for tiny-sd and shapes)"
     )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 threshold=args.threshold,
                 fidelity=args.fidelity,
                 steps=args.steps,
-                size=None if model == "tiny-sd" else args.size,
+                size=None if model in FIXED_SIZE else args.size,
                 batch_size=args.batch_size,
                 repeats=args.repeats,
                 prompt=args.prompt,
