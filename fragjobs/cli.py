@@ -87,6 +87,12 @@ def main(verbose: bool) -> None:
     multiple=True,
     help="A paraphrase of PROMPT on which reuse is measured (H3); repeatable.",
 )
+@click.option(
+    "--farm",
+    "use_farm",
+    is_flag=True,
+    help="Submit the chain to the Celery farm (FRAGJOBS_BROKER_URL); see `fragjobs farm run`.",
+)
 @_fail_cleanly
 def run(
     prompt,
@@ -100,9 +106,24 @@ def run(
     no_caching,
     fidelity,
     paraphrases,
+    use_farm,
 ):
     """Profile, extract, validate and generate PROMPT; write a report to --out."""
     from fragjobs import chain
+
+    if use_farm:
+        from fragjobs.config import get_settings
+        from fragjobs.farm import run as farm_run
+
+        click.get_current_context().invoke(
+            farm_run,
+            prompt=prompt,
+            variants=variants,
+            model=model or get_settings().default_model,
+            batch_size=batch_size,
+            threshold=threshold,
+        )
+        return
 
     report = chain.run(
         prompt,

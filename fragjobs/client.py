@@ -47,12 +47,12 @@ from fragjobs.cache import lookup_prompt
 from fragjobs.catalog import Catalog, FragmentEntity
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
-from fragjobs.farm import WarmRegistry, WarmWorker
+from fragjobs.farm import WarmRegistry, WarmWorker, make_celeryconfig_importable
 from fragjobs.keys import check_fraction, check_int, check_seeds, normalise_prompt
 
 log = logging.getLogger("fragjobs.client")
 
-AFFINITY_INSPECT_TIMEOUT_S = 0.5
+AFFINITY_INSPECT_TIMEOUT_S = 1.0
 """How long routing waits for the warm workers' ``inspect`` replies."""
 
 _POLL_S = 0.5
@@ -264,6 +264,7 @@ class Farm:
         if self._app is None:
             from celery import Celery
 
+            make_celeryconfig_importable()
             app = Celery("fragjobs", set_as_current=False)
             try:
                 app.config_from_object("celeryconfig")

@@ -377,11 +377,20 @@ def _cli_errors(func):
     return wrapper
 
 
-def _farm_app() -> Any:
-    """``tasks.app`` with ``celeryconfig`` importable from any current folder."""
+def make_celeryconfig_importable() -> None:
+    """Put the checkout's root on ``sys.path`` when ``celeryconfig`` is not importable.
+
+    An editable install does not expose the top-level ``celeryconfig`` module; a client run
+    from another folder (``fragjobs farm run``) needs it to configure its Celery app.
+    """
     root = project_root()
     if root is not None and importlib.util.find_spec("celeryconfig") is None:
         sys.path.insert(0, str(root))
+
+
+def _farm_app() -> Any:
+    """``tasks.app`` with ``celeryconfig`` importable from any current folder."""
+    make_celeryconfig_importable()
     from tasks.app import app
 
     return app

@@ -1,8 +1,9 @@
 """The farm's tasks, run eagerly on an embedded workspace, and Farm.submit's checks.
 
 Task tests call ``task.apply(...)`` (no broker, no worker); PROGRESS states go to an in-memory
-result backend. The submit tests need the Redis server at 127.0.0.1:6379 (skipped without
-it): they use an empty Redis database of their own and check what was (not) queued there.
+result backend. The submit and affinity tests need the Redis server at 127.0.0.1:6379
+(skipped without it): they use an empty Redis database of their own (conftest ``redis_db``)
+and check what was (not) queued there.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,6 @@ from fragjobs.errors import (
 from fragjobs.keys import generation_object, make_fragment_key, sha256_hex
 
 PROMPT = "a red circle"
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
 @pytest.fixture
@@ -37,6 +36,7 @@ def tasks(settings):
     """The tasks module; its tasks record their states in an in-memory result backend."""
     from celery.backends.cache import CacheBackend
 
+    from tasks import catalog as catalog_tasks
     from tasks import chain as chain_tasks
     from tasks.app import app
 
@@ -46,6 +46,8 @@ def tasks(settings):
         chain_tasks.extract,
         chain_tasks.validate,
         chain_tasks.generate,
+        catalog_tasks.revalidate,
+        catalog_tasks.fragment_status,
     )
     for task in all_tasks:
         task.backend = backend
@@ -82,7 +84,7 @@ def test_generate_stores_images_reports_progress_and_is_idempotent(tasks, ws):
     assert [img.uri for img in ws.catalog.list_images("job-a")] == out["image_uris"]
     meta = tasks.generate.backend.get_task_meta(first.id)
     assert meta["status"] == "PROGRESS"
-    assert meta["result"] == {"step": 2, "total": 2, "job_id": "job-a"}
+    assert meta["result"] == {"step": 2, "total": 2, "job_id": "job-a", "worker": out["worker"]}
 
     again = _generate(tasks, "job-a").get()  # a redelivery (acks_late): same job, same images
     assert again["image_uris"] == out["image_uris"]
@@ -223,31 +225,11 @@ def test_pool_process_opens_its_own_workspace(monkeypatch):
 # -- Farm.submit -------------------------------------------------------------------------------
 
 
-def _redis_reachable() -> bool:
-    try:
-        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
-needs_redis = pytest.mark.skipif(not _redis_reachable(), reason="no Redis at 127.0.0.1:6379")
-
-
 @pytest.fixture
-def broker(settings):
-    """An empty Redis database of our own (flushed afterwards) and settings that use it."""
-    import redis
-
-    free = [n for n in range(1, 16) if redis.Redis(REDIS_HOST, REDIS_PORT, db=n).dbsize() == 0]
-    if not free:
-        pytest.skip("no empty Redis database (1-15) to use")
-    number = random.choice(free)
-    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=number)
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{number}"
-    yield client, settings.model_copy(update={"broker_url": url, "result_backend": url})
-    client.flushdb()
-    client.close()
+def broker(settings, redis_db):
+    """An empty Redis database of our own (conftest) and settings that use it."""
+    url = redis_db.url
+    return redis_db.client, settings.model_copy(update={"broker_url": url, "result_backend": url})
 
 
 @pytest.fixture
@@ -288,10 +270,11 @@ BAD_SPECS = [
     ({"model": ""}, InvalidInputError, "model"),
     ({"model": "no-such-model"}, UnknownModelError, "unknown model 'no-such-model'"),
     ({"model": "/no/such/folder"}, UnknownModelError, "unknown model"),
+    ({"queue": "gpu n1"}, InvalidInputError, "queue must be a queue name"),
+    ({"pipeline_batch_size": 0}, InvalidInputError, "pipeline_batch_size"),
 ]
 
 
-@needs_redis
 @pytest.mark.parametrize(("spec", "error", "match"), BAD_SPECS)
 def test_malformed_spec_queues_nothing(farm, spec, error, match):
     farm, client = farm
@@ -301,7 +284,6 @@ def test_malformed_spec_queues_nothing(farm, spec, error, match):
     assert client.dbsize() == 0  # no queue, no binding, no result: nothing reached Redis
 
 
-@needs_redis
 def test_valid_spec_queues_the_chain_in_one_message(farm):
     farm, client = farm
     job = farm.submit(PROMPT, variants=6, model="tiny-sd", batch_size=4)
@@ -314,7 +296,6 @@ def test_valid_spec_queues_the_chain_in_one_message(farm):
     assert [b["images_total"] for b in progress["batches"]] == [4, 2]
 
 
-@needs_redis
 def test_ready_fragment_is_reused_without_profiling(farm, ws):
     farm, client = farm
     catalog = ws.catalog
@@ -413,3 +394,102 @@ def test_launcher_imports_neither_torch_nor_celery():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- results, progress events, catalog tasks -------------------------------------------------
+
+
+@pytest.fixture
+def ready_ws(settings, ready_fragment_template, monkeypatch):
+    """The tasks' workspace (the environment's) holding a copy of the ready fragment."""
+    from collections import OrderedDict
+
+    ready_fragment_template.copy_to(settings.data_dir)
+    monkeypatch.setattr(chain, "_WORKSPACES", {})
+    monkeypatch.setattr(chain, "_FRAGMENT_UNETS", OrderedDict())
+    workspace = chain.workspace()
+    yield workspace
+    workspace.close()
+
+
+def test_generate_says_where_the_fragment_came_from(tasks, ready_ws, ready_fragment_template):
+    key = ready_fragment_template.key
+    first = _generate(tasks, "job-w1", upstream={"key": key}).get()
+    second = _generate(tasks, "job-w2", upstream={"key": key}).get()
+    assert first["fragment_key"] == second["fragment_key"] == key
+    # A local store is read directly (no node cache); the second batch finds the UNet built.
+    assert (first["fragment_source"], second["fragment_source"]) == ("store", "memory")
+    assert first["warm_cache"] == {"hits": 0, "misses": 0, "fetched_bytes": 0}
+    assert chain.warm_fragment_keys() == [key]
+    assert "worker" in first  # the hostname; None when run eagerly
+
+
+def test_validate_does_not_revive_a_corrupt_fragment(tasks, ready_ws, ready_fragment_template):
+    key = ready_fragment_template.key
+    ready_ws.catalog.set_fragment_status(key, "corrupt", "object 'x' is corrupt")
+    out = tasks.validate.apply(args=({"key": key},)).get()
+    assert (out["status"], out["passed"], out["reused"]) == ("corrupt", False, True)
+    assert "object 'x' is corrupt" in out["error"]
+    assert ready_ws.catalog.get_fragment(key).status == "corrupt"
+    assert ready_ws.catalog.lineage(key)["validation_ids"] == [out["validation_id"]]
+
+
+@pytest.fixture
+def catalog_tasks(tasks):
+    """The catalog tasks module (same in-memory result backend as ``tasks``)."""
+    from tasks import catalog
+
+    return catalog
+
+
+def test_revalidate_task_marks_corrupt_and_reports_progress(
+    catalog_tasks, ready_ws, ready_fragment_template
+):
+    from fragjobs.keys import FRAGMENT_FILE, fragment_object
+    from fragjobs.revalidate import revalidation_lock
+
+    key = ready_fragment_template.key
+    ready_ws.store.put_bytes(fragment_object("tiny-sd", key, FRAGMENT_FILE), b"broken")
+    with revalidation_lock(ready_ws):
+        locked = catalog_tasks.revalidate.apply().get()
+    assert locked["skipped"] and locked["checks"] == []
+
+    result = catalog_tasks.revalidate.apply(kwargs={"gate": True})
+    out = result.get()
+    assert out["skipped"] is None
+    [check] = out["checks"]
+    assert (check["key"], check["status"], check["objects_ok"]) == (key, "corrupt", False)
+    meta = catalog_tasks.revalidate.backend.get_task_meta(result.id)
+    assert meta["status"] == "PROGRESS" and meta["result"] == {"step": 1, "total": 1, "key": key}
+
+
+def test_fragment_status_is_a_cheap_round_trip(catalog_tasks, ready_ws, ready_fragment_template):
+    status = catalog_tasks.fragment_status
+    before = time.time()
+    out = status.apply(args=(ready_fragment_template.key,)).get()
+    assert (out["key"], out["status"]) == (ready_fragment_template.key, "ready")
+    assert before <= out["checked_at"] <= time.time()
+    assert isinstance(status.apply(args=("Bad Key",)).result, InvalidInputError)
+
+
+def test_progress_is_also_an_event_for_flower_on_a_worker(tasks, monkeypatch):
+    task = tasks.generate
+    states, events = [], []
+    monkeypatch.setattr(task, "update_state", lambda **kw: states.append(kw))
+    monkeypatch.setattr(task, "send_event", lambda kind, **kw: events.append((kind, kw)))
+
+    task.push_request(id="t-1", hostname="cpu0@n1", is_eager=False)
+    try:
+        task.report_progress(2, 4, job_id="j")
+    finally:
+        task.pop_request()
+    info = {"step": 2, "total": 4, "job_id": "j"}
+    assert states == [{"state": "PROGRESS", "meta": info}]
+    assert events == [("task-progress", {"result": info})]
+
+    task.push_request(id="t-2", hostname=None, is_eager=True)  # apply(): no broker, no event
+    try:
+        task.report_progress(1, 4)
+    finally:
+        task.pop_request()
+    assert len(states) == 2 and len(events) == 1
