@@ -187,6 +187,20 @@ class S3Store(ObjectStore):
     @contextlib.contextmanager
     def _open_read(self, name: str) -> Iterator[Readable]:
         self._ensure_bucket()
+        action = f"download object {name!r}"
+        with self._translated(action, name):
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
+        body = response["Body"]
+        if response.get("ContentLength", 0) <= self._transfer.multipart_threshold:
+            # One request, streamed: a managed transfer's extra round trips and temp file
+            # cost several times the transfer itself for objects of this size.
+            try:
+                with self._translated(action, name):
+                    yield body
+            finally:
+                body.close()
+            return
+        body.close()  # large object: ranged parts in parallel through the managed transfer
         with tempfile.SpooledTemporaryFile(max_size=self._transfer.multipart_threshold) as spool:
             with self._translated(f"download object {name!r}", name):
                 self._client.download_fileobj(
