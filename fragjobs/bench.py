@@ -1,17 +1,21 @@
 """Benchmark: full model vs fragments vs training-free peers, in one run.
 
 ``python -m fragjobs.bench`` profiles the prompt once per model, then times, with the same
-prompt, steps, batch and seeds, warm, median of ``--repeats``:
+prompt, steps, batch and seeds, warm, median of ``--repeats`` rounds (interleaved: each round
+times every method once, so a shared machine's drift hits all alike):
 
 * ``full``: the base pipeline;
 * fragments with each technique alone (``heads``, ``low_rank``, ``int8``, ``caching``) and
-  ``all`` together;
+  ``all`` together (the chain's own config); ``name@0.95`` extracts with another fidelity knob
+  (e.g. ``caching@0.95,all@0.95`` for the fastest schedule keeping SSIM 0.95);
 * peers: DeepCache (``DeepCacheSDHelper``, intervals 3 and 5) and ToMe-SD (ratio 0.5), when
   installed (``pip install deepcache tomesd``), else a row saying why not.
 
 For each: per-image latency, speed-up vs full, SSIM and PSNR of its images against the full
-model's at the same seeds, UNet weight bytes, CUDA peak memory on a GPU. Break-even for the
-``all`` fragment = (profile + extract seconds) / (full − fragment seconds per image). Writes
+model's at the same seeds, UNet weight bytes, CUDA peak memory on a GPU. Break-even of each
+fragment (H5) = (profile + extract + validate seconds) / (full − fragment seconds per image),
+with profiling on the chain's four seeds and validation as ``fragjobs validate`` does it (full
+model and fragment on the evaluation seeds). Writes
 JSON, a markdown table and a speed-up vs SSIM plot. On random-weight models SSIM is reported
 but says nothing about quality. Ratios are only comparable within one run on one machine.
 """
@@ -23,6 +27,7 @@ import contextlib
 import gc
 import json
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +44,8 @@ FIXED_SIZE = ("tiny-sd", "shapes")  # trained/built for 64×64
 
 
 def _extraction_config(technique: str, threshold: float, fidelity: float):
+    """``all`` is the chain's config (``chain.extraction_config``); the others one part of it."""
+    from fragjobs.chain import head_guard
     from fragjobs.extraction import (
         BlockCachingConfig,
         ExtractionConfig,
@@ -49,7 +56,9 @@ def _extraction_config(technique: str, threshold: float, fidelity: float):
 
     use = set(TECHNIQUES[:4]) if technique == "all" else {technique}
     return ExtractionConfig(
-        heads=HeadSelectionConfig(threshold if "heads" in use else 1.0),
+        heads=HeadSelectionConfig(threshold, min_ssim=head_guard(fidelity))
+        if "heads" in use
+        else HeadSelectionConfig(1.0),
         low_rank=LowRankConfig() if "low_rank" in use else None,
         int8=Int8Config() if "int8" in use else None,
         caching=BlockCachingConfig(min_ssim=fidelity) if "caching" in use else None,
@@ -90,6 +99,9 @@ def bench_model(
     repeats: int,
     prompt: str,
     methods: tuple[str, ...],
+    profile_seeds: tuple[int, ...] = (0, 1, 2, 3),
+    eval_seeds: int | None = None,
+    interleave: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every method on one model; returns ``{"model", ..., "rows": [...]}``."""
@@ -111,15 +123,15 @@ def bench_model(
         width=width,
         batch_size=batch_size,
     )
-    eval_seeds = list(range(100, 100 + batch_size))
+    eval_seeds = list(range(100, 100 + (eval_seeds or batch_size)))
     started = time.perf_counter()
     prof = profile_prompt(
         pipe,
         prompt,
         ProfileConfig(
-            seeds=(0, 1),
+            seeds=profile_seeds,
             steps=steps,
-            step_stride=1,
+            step_stride=2,
             guidance_scale=info.default_guidance,
             height=height,
             width=width,
@@ -127,53 +139,65 @@ def bench_model(
         progress=False,
     )
     profile_s = time.perf_counter() - started
+    started = time.perf_counter()
     full_images = generate_images(pipe, prompt, eval_seeds, gen)
+    full_eval_s = time.perf_counter() - started
     full_bytes = weight_bytes(pipe.unet)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    runners: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
 
-    def measure(name: str, run_pipe: Any, unet_bytes: int, extra: dict[str, Any]) -> None:
-        latency, peak = _measure(run_pipe, prompt, gen, repeats)
-        images = generate_images(run_pipe, prompt, eval_seeds, gen)
-        quality = compute_quality(full_images, images, prompt)
-        rows.append(
-            {
-                "method": name,
-                "latency_ms": round(latency, 2),
-                "ssim": round(quality.ssim, 4),
-                "psnr_db": round(quality.psnr_db, 2),
-                "unet_bytes": unet_bytes,
-                "bytes_ratio": round(unet_bytes / full_bytes, 3),
-                "cuda_peak_mib": peak,
-                **extra,
-            }
-        )
-        log(json.dumps({"model": model, **rows[-1]}))
+    def add(name: str, runner: Callable, unet_bytes: int, extra: dict[str, Any]) -> None:
+        with runner() as run_pipe:
+            started = time.perf_counter()
+            images = generate_images(run_pipe, prompt, eval_seeds, gen)
+            quality = compute_quality(full_images, images, prompt)
+            # what `fragjobs validate` does: full and fragment on the same seeds, then metrics
+            validate_s = full_eval_s + time.perf_counter() - started
+        row = {
+            "method": name,
+            "ssim": round(quality.ssim, 4),
+            "ssim_min": round(min(quality.ssim_per_image), 4),
+            "psnr_db": round(quality.psnr_db, 2),
+            "unet_bytes": unet_bytes,
+            "bytes_ratio": round(unet_bytes / full_bytes, 3),
+            **extra,
+        }
+        if "extract_s" in extra:
+            row["validate_s"] = round(validate_s, 3)
+        rows.append(row)
+        runners[name] = runner
+        if not interleave:
+            _time_methods(rows[-1:], runners, prompt, gen, repeats)
+            runners.pop(name)
+            log(json.dumps({"model": model, **rows[-1]}))
 
-    measure("full", pipe, full_bytes, {})
+    add("full", lambda: contextlib.nullcontext(pipe), full_bytes, {})
     for name in methods:
-        if name in TECHNIQUES:
+        technique, _, knob = name.partition("@")
+        if technique in TECHNIQUES:
             t0 = time.perf_counter()
             fragment, unet = extract_fragment(
                 pipe,
                 info,
                 prof,
-                _extraction_config(name, threshold, fidelity),
+                _extraction_config(technique, threshold, float(knob) if knob else fidelity),
                 profile_id="bench",
             )
             m = fragment.manifest
             extra = {
                 "extract_s": round(time.perf_counter() - t0, 2),
+                "fidelity": float(knob) if knob else fidelity,
                 "heads_kept": f"{m.pruning.heads_kept}/{m.pruning.heads_total}",
                 "caching": m.dynamic_routing.model_dump(
-                    include={"enabled", "delta", "estimated_cost"}
+                    include={"enabled", "delta", "shallow_delta", "estimated_cost"}
                 ),
             }
-            measure(name, with_unet(pipe, unet), weight_bytes(unet), extra)
-            del fragment, unet
+            fragment_pipe = with_unet(pipe, unet)
+            add(name, lambda p=fragment_pipe: contextlib.nullcontext(p), weight_bytes(unet), extra)
+            del fragment, unet, fragment_pipe
         else:
             try:
-                with _peer(pipe, name) as peer_pipe:
-                    measure(name, peer_pipe, full_bytes, {})
+                add(name, lambda n=name: _peer(pipe, n), full_bytes, {})
             except ImportError as exc:
                 rows.append(
                     {"method": name, "unavailable": f"{exc} (pip install deepcache tomesd)"}
@@ -181,6 +205,10 @@ def bench_model(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if interleave:
+        _time_methods([r for r in rows if r["method"] in runners], runners, prompt, gen, repeats)
+        for row in rows:
+            log(json.dumps({"model": model, **row}))
 
     full_ms = rows[0]["latency_ms"]
     for row in rows:
@@ -188,7 +216,7 @@ def bench_model(
             row["speedup"] = round(full_ms / row["latency_ms"], 3)
         if "extract_s" in row:
             saved_s = (full_ms - row["latency_ms"]) / 1000
-            overhead = profile_s + row["extract_s"]
+            overhead = profile_s + row["extract_s"] + row["validate_s"]
             row["break_even_variants"] = round(overhead / saved_s, 1) if saved_s > 0 else None
     return {
         "model": model,
@@ -197,22 +225,50 @@ def bench_model(
         "batch_size": batch_size,
         "repeats": repeats,
         "profile_s": round(profile_s, 2),
+        "profile_seeds": list(profile_seeds),
         "rows": rows,
     }
 
 
-def _measure(pipe: Any, prompt: str, gen: Any, repeats: int) -> tuple[float, float | None]:
-    """Warm median per-image latency, and CUDA max allocated (MiB) on a GPU, else None."""
-    from fragjobs.generation import measure_latency_ms
+def _time_methods(rows, runners, prompt: str, gen: Any, repeats: int) -> None:
+    """Warm median per-image latency of each row's method, timed in interleaved rounds.
 
+    Every method first runs one untimed warm-up batch (its CUDA max allocated, MiB, is
+    recorded on a GPU); then ``repeats`` rounds time one batch of each method in turn, the
+    order rotating each round, so drifts of a shared machine hit every method alike.
+    """
+    from fragjobs.generation import generate_images
+
+    seeds = list(range(gen.batch_size))
+    timings: dict[str, list[float]] = {row["method"]: [] for row in rows}
+    for row in rows:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with runners[row["method"]]() as pipe:
+            generate_images(pipe, prompt, seeds, gen)
+        row["cuda_peak_mib"] = (
+            round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if torch.cuda.is_available()
+            else None
+        )
+    names = list(timings)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            with runners[name]() as pipe:
+                _sync()
+                started = time.perf_counter()
+                generate_images(pipe, prompt, seeds, gen)
+                _sync()
+                timings[name].append((time.perf_counter() - started) * 1000 / gen.batch_size)
+    for row in rows:
+        row["latency_ms"] = round(statistics.median(timings[row["method"]]), 2)
+
+
+def _sync() -> None:
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    latency = measure_latency_ms(pipe, prompt, gen, repeats=repeats)
-    peak = (
-        round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
-    )
-    return latency, peak
+        torch.cuda.synchronize()
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
@@ -222,6 +278,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         "latency_ms",
         "speedup",
         "ssim",
+        "ssim_min",
         "psnr_db",
         "bytes_ratio",
         "cuda_peak_mib",
@@ -267,12 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="tiny-sd,sd15-shape")
     parser.add_argument("--methods", default=",".join(TECHNIQUES + PEERS))
     parser.add_argument("--threshold", type=float, default=0.75, help="fraction of heads kept")
-    parser.add_argument("--fidelity", type=float, default=0.9, help="caching: min SSIM")
+    parser.add_argument(
+        "--fidelity", type=float, default=0.9, help="SSIM the fragment keeps (chain's knob)"
+    )
+    parser.add_argument(
+        "--profile-seeds", type=int, default=4, help="seeds profiled (chain default: 4)"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
         "--size", type=int, default=None, help="image side (not for tiny-sd and shapes)"
     )
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--eval-seeds", type=int, default=None, help="seeds for SSIM/PSNR (default: one batch)"
+    )
+    parser.add_argument(
+        "--no-interleave",
+        action="store_true",
+        help="time each method right after building it (holds one fragment at a time)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", default="a dog on a jet ski")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -294,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 repeats=args.repeats,
                 prompt=args.prompt,
+                profile_seeds=tuple(range(args.profile_seeds)),
+                eval_seeds=args.eval_seeds,
+                interleave=not args.no_interleave,
                 methods=tuple(m.strip() for m in args.methods.split(",")),
                 log=lambda line: print(line, flush=True),
             )

@@ -69,6 +69,7 @@ from fragjobs.keys import (
     MANIFEST_FILE,
     PROFILE_IMPORTANCE_FILE,
     PROFILE_STATS_FILE,
+    check_fraction,
     check_int,
     check_seeds,
     fragment_object,
@@ -250,6 +251,11 @@ class ExtractResult:
     elapsed_s: float = 0.0
 
 
+def head_guard(fidelity: float) -> float:
+    """The SSIM head pruning alone must keep: half of the fragment's SSIM budget."""
+    return round(1.0 - (1.0 - fidelity) / 2, 6)
+
+
 def extraction_config(
     threshold: float = 0.75,
     *,
@@ -259,14 +265,24 @@ def extraction_config(
     int8: bool = True,
     caching: bool = True,
     fidelity: float = 0.9,
+    head_guard_on: bool = True,
 ) -> ExtractionConfig:
     """The extraction config from the CLI's knobs.
 
-    ``fidelity`` is the block-caching knob: the SSIM against the full model that the chosen
-    schedule must keep on the profiling seeds.
+    ``fidelity`` is the one quality knob: the SSIM against the full model that the fragment
+    must keep on every profiling seed. Head pruning may spend half of the SSIM budget
+    (its guard keeps more heads than ``threshold`` asks until it does); block caching, chosen
+    on the pruned and compressed UNet, spends the rest. ``head_guard_on=False`` prunes exactly
+    ``threshold``.
     """
+    check_fraction(fidelity, "fidelity")
     return ExtractionConfig(
-        heads=HeadSelectionConfig(threshold, min_heads_per_layer, rank_margin),
+        heads=HeadSelectionConfig(
+            threshold,
+            min_heads_per_layer,
+            rank_margin,
+            min_ssim=head_guard(fidelity) if head_guard_on else None,
+        ),
         low_rank=LowRankConfig() if low_rank else None,
         int8=Int8Config() if int8 else None,
         caching=BlockCachingConfig(min_ssim=fidelity) if caching else None,

@@ -79,7 +79,8 @@ def main(verbose: bool) -> None:
     default=0.9,
     show_default=True,
     type=float,
-    help="SSIM vs the full model the caching schedule must keep, in (0, 1].",
+    help="SSIM vs the full model the fragment must keep on the profiling seeds, in (0, 1] "
+    "(head pruning may spend half of the loss, block caching the rest).",
 )
 @click.option(
     "--paraphrase",

@@ -49,9 +49,12 @@ class ProfilingLayer(_Layer):
 
 class PruningLayer(_Layer):
     method: Literal["head_pruning"] = "head_pruning"
-    threshold: float
+    threshold: float  # fraction of heads kept that was used (the guard may have raised it)
     min_heads_per_layer: int
     rank_margin: float
+    requested_threshold: float | None = None
+    min_ssim: float | None = None  # the fidelity guard; None: off
+    search: list[dict[str, float | None]] = Field(default_factory=list)
     heads_total: int
     heads_kept: int
     keep: dict[str, list[int]]
@@ -121,6 +124,8 @@ class DynamicRoutingLayer(_Layer):
     method: Literal["block_caching"] = "block_caching"
     steps: int | None = None
     delta: float | None = None
+    shallow_delta: float | None = None  # level-0 budget; None: level 0 computes every step
+    warmup_steps: int | None = None
     schedule: dict[str, list[int]] | None = None
     estimated_cost: float | None = None
     min_ssim: float | None = None

@@ -12,6 +12,7 @@ from fragjobs.extraction import (
     BlockCachingConfig,
     CachingSchedule,
     apply_block_caching,
+    candidate_schedules,
     plan_block_caching,
     remove_block_caching,
 )
@@ -21,16 +22,71 @@ GEN = GenerationConfig(steps=6, guidance_scale=7.5, height=64, width=64, batch_s
 PROMPT = "a red circle on the left"
 
 
-def test_plan_accumulates_change_until_delta():
-    changes = {"a": [0.1, 0.1, 0.1, 0.5, 0.05], "b": [1.0, 1.0, 1.0, 1.0, 1.0]}
-    schedule = plan_block_caching(changes, {"a": 3.0, "b": 1.0}, steps=6, delta=0.25)
-    assert schedule.recompute["a"] == (0, 3, 4)  # 0.3 > 0.25 at t=3, 0.5 at t=4
-    assert schedule.recompute["b"] == (0, 1, 2, 3, 4, 5)
-    assert schedule.estimated_cost == pytest.approx((3.0 * 3 / 6 + 1.0 * 6 / 6) / 4.0)
+UP = "up_blocks"
+
+
+def _changes(level0, level1, level2):
+    """Block changes of a 3-level UNet whose levels follow the given signals."""
+    signals = {0: level0, 1: level1, 2: level2}
+    names = {
+        "down_blocks.0": 0,
+        "down_blocks.1": 1,
+        "down_blocks.2": 2,
+        "mid_block": 2,
+        f"{UP}.0": 2,
+        f"{UP}.1": 1,
+        f"{UP}.2": 0,
+    }
+    return {name: list(signals[level]) for name, level in names.items()}
+
+
+def test_plan_nests_levels_and_accumulates_change_until_the_budget():
+    changes = _changes(
+        level0=[0.1, 0.1, 0.1, 0.5, 0.05], level1=[0.2] * 5, level2=[0.05, 0.05, 0.3, 0.05, 0.3]
+    )
+    times = {name: 1.0 for name in changes}
+    schedule = plan_block_caching(changes, times, steps=6, delta=0.25, shallow_delta=0.25)
+    rec = schedule.recompute
+    assert rec["down_blocks.0"] == rec[f"{UP}.2"] == (0, 3, 4)  # 0.3 > 0.25 at t=3, 0.5 at 4
+    # level 1 would recompute at t=2 (0.4 > 0.25) but may only use level 0's steps: t=3
+    assert rec["down_blocks.1"] == rec[f"{UP}.1"] == (0, 3)
+    # level 2 (budget 0.5): 0.4 by t=3 is not enough, 0.75 at t=5 is not one of level 1's
+    assert rec["down_blocks.2"] == rec["mid_block"] == rec[f"{UP}.0"] == (0,)
+    assert schedule.estimated_cost == pytest.approx((2 * 3 + 2 * 2 + 3 * 1) / 6 / 7)
+    # level 0 every step (DeepCache-like) and a warm-up that always computes
+    deep = plan_block_caching(changes, times, steps=6, delta=0.25, warmup_steps=3)
+    assert deep.recompute["down_blocks.0"] == (0, 1, 2, 3, 4, 5)
+    assert deep.recompute[f"{UP}.1"] == (0, 1, 2, 4)
+    assert all(0 in s and 1 in s and 2 in s for s in deep.recompute.values())
     with pytest.raises(InvalidInputError, match="same number of steps"):
         plan_block_caching(changes, {}, steps=8, delta=0.25)
-    with pytest.raises(InvalidInputError):
-        BlockCachingConfig(min_ssim=0)
+    with pytest.raises(InvalidInputError, match="UNet block names"):
+        plan_block_caching({"a": [0.1] * 5}, {}, steps=6, delta=0.25)
+    assert BlockCachingConfig(warmup=0.2).warmup_steps(20) == 4
+    assert BlockCachingConfig(warmup=0.0).warmup_steps(20) == 1  # step 0 always computes
+    bad_configs = (
+        {"min_ssim": 0},
+        {"deltas": ()},
+        {"deltas": (0.1, -1)},
+        {"max_trials": 0},
+        {"warmup": 1.0},
+        {"shallow_deltas": (None, 0)},
+    )
+    for bad in bad_configs:
+        with pytest.raises(InvalidInputError):
+            BlockCachingConfig(**bad)
+
+
+def test_candidates_are_distinct_and_sorted_by_estimated_cost():
+    changes = _changes(
+        [0.3, 0.2, 0.1, 0.1, 0.05], [0.4, 0.2, 0.2, 0.1, 0.1], [0.5, 0.1] + [0.1] * 3
+    )
+    times = {name: float(i + 1) for i, name in enumerate(changes)}
+    found = candidate_schedules(changes, times, 6, BlockCachingConfig())
+    costs = [s.estimated_cost for s in found]
+    assert costs == sorted(costs)
+    assert len({tuple(sorted(s.recompute.items())) for s in found}) == len(found)
+    assert found[-1].shallow_delta is None  # computing level 0 every step costs most
 
 
 def _every_block(unet, steps):

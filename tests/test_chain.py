@@ -58,7 +58,16 @@ def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path):
     manifest = json.loads((out / "fragment_manifest.json").read_text())
     assert manifest["key"] == report.key
     assert manifest["verified"] == report.passed
-    assert manifest["pruning"]["heads_kept"] < manifest["pruning"]["heads_total"]
+    pruning = manifest["pruning"]
+    if pruning["heads_kept"] == pruning["heads_total"]:  # the guard kept them all: it shows why
+        assert pruning["requested_threshold"] < 1.0 and pruning["threshold"] == 1.0
+        assert pruning["search"] and all(
+            row["ssim_min"] < pruning["min_ssim"] for row in pruning["search"]
+        )
+    else:
+        assert pruning["threshold"] >= pruning["requested_threshold"]
+        passed = [row for row in pruning["search"] if row["threshold"] == pruning["threshold"]]
+        assert passed and passed[0]["ssim_min"] >= pruning["min_ssim"]
     assert manifest["performance"]["measured_latency_full_ms"] == pytest.approx(
         perf["latency_full_ms"], rel=1e-3
     )
@@ -89,7 +98,7 @@ def test_steps_are_idempotent(ws):
 
 def _validated_fragment(ws, threshold=1.0, caching=False):
     prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
-    config = chain.extraction_config(threshold, int8=False, caching=caching)
+    config = chain.extraction_config(threshold, int8=False, caching=caching, head_guard_on=False)
     ext = chain.extract(prof.profile_id, config, ws=ws)
     return chain.validate(ext.key, ws=ws, progress=False)
 

@@ -146,3 +146,27 @@ def test_int8_unet_holds_fewer_bytes_and_stays_close(tiny_pipe):
     assert weight_bytes(unet) < 0.5 * before
     full, q = _unet_out(tiny_pipe.unet), _unet_out(unet)
     assert (full - q).abs().max() / full.abs().max() < 0.05
+
+
+def test_head_guard_keeps_more_heads_until_the_profiling_seeds_keep_their_ssim(tiny_pipe):
+    from fragjobs.base_models import BaseModelInfo
+    from fragjobs.extraction import ExtractionConfig, extract_fragment
+    from fragjobs.profiling import ProfileConfig, profile_prompt
+
+    prof = profile_prompt(
+        tiny_pipe, "a dog on a jet ski", ProfileConfig(seeds=(0, 1), steps=4), progress=False
+    )
+    info = BaseModelInfo("tiny-sd", "0" * 64, "builtin", 64, 64, 4)
+
+    def extract(min_ssim):
+        heads = HeadSelectionConfig(threshold=0.5, min_ssim=min_ssim)
+        config = ExtractionConfig(heads=heads, low_rank=None, int8=None, caching=None)
+        return extract_fragment(tiny_pipe, info, prof, config, profile_id="p")[0].manifest
+
+    strict = extract(1.0)  # any pruning changes some pixel: every trial fails, all heads kept
+    assert strict.pruning.heads_kept == strict.pruning.heads_total
+    assert strict.pruning.threshold == 1.0 and strict.pruning.requested_threshold == 0.5
+    assert strict.pruning.search and all(r["ssim_min"] < 1.0 for r in strict.pruning.search)
+    loose = extract(0.01)  # the requested fraction passes at once
+    assert loose.pruning.threshold == 0.5 and loose.pruning.heads_kept < loose.pruning.heads_total
+    assert all(r["ssim_min"] >= 0.01 for r in loose.pruning.search)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fragjobs.errors import InvalidInputError
+from fragjobs.generation import GenerationConfig, decode_latents, generate_images
 from fragjobs.profiling import (
     ProfileConfig,
     ProfilingAttnProcessor,
@@ -83,6 +84,23 @@ def test_save_and_load_round_trip(prof, tmp_path):
         assert torch.equal(energy, again.energy[name])
     assert doc.read_text().startswith("{")
     assert again.importance_document()["modules"] == prof.importance_document()["modules"]
+    assert again.layer_time_ms == prof.layer_time_ms and again.elapsed_s == prof.elapsed_s
+    assert torch.equal(again.final_latents, prof.final_latents)
+
+
+def test_final_latents_decode_to_the_full_models_images(tiny_pipe, prof):
+    config = prof.config
+    gen = GenerationConfig(
+        steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        height=64,
+        width=64,
+        batch_size=len(config.seeds),
+    )
+    images = generate_images(tiny_pipe, prof.prompt, list(config.seeds), gen)
+    decoded = decode_latents(tiny_pipe, prof.final_latents)
+    assert decoded.shape == images.shape
+    assert float((decoded - images).abs().max()) < 1e-3  # profiling processors: same output
 
 
 @pytest.mark.parametrize(

@@ -74,3 +74,40 @@ def test_unknown_words_still_generate(shapes):
     gen = GenerationConfig(steps=4, guidance_scale=6.0, height=64, width=64, batch_size=1)
     image = generate_images(shapes.pipe, "ein grünes Quadrat ☃ unten", [0], gen)
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_caching_search_on_the_trained_model_keeps_fidelity_and_skips_work(shapes):
+    import copy
+
+    from fragjobs.extraction import BlockCachingConfig, remove_block_caching
+    from fragjobs.extraction.caching import search_block_caching
+    from fragjobs.profiling import ProfileConfig, profile_prompt
+
+    pipe, info = shapes.pipe, shapes.info
+    prof = profile_prompt(
+        pipe,
+        "a red circle on the left",
+        ProfileConfig(
+            seeds=(0, 1),
+            steps=info.default_steps,
+            guidance_scale=info.default_guidance,
+            height=info.height,
+            width=info.width,
+        ),
+        progress=False,
+    )
+    unet = copy.deepcopy(pipe.unet)
+    config = BlockCachingConfig(min_ssim=0.9)
+    schedule, rows = search_block_caching(
+        pipe, unet, prof, config, height=info.height, width=info.width
+    )
+    assert schedule is not None and 1 <= len(rows) <= config.max_trials
+    chosen = [r for r in rows if r["estimated_cost"] == schedule.estimated_cost]
+    assert chosen and chosen[0]["ssim_min"] >= 0.9  # the worst profiling seed kept it
+    cheaper = [r for r in rows if r["estimated_cost"] < schedule.estimated_cost]
+    assert all(r["ssim_min"] < 0.9 for r in cheaper)  # the cheapest tried that passed
+    assert schedule.estimated_cost < 0.6  # most block time really skipped
+    for steps in schedule.recompute.values():
+        assert set(steps) >= set(range(config.warmup_steps(info.default_steps)))
+    assert unet._diffusers_hook.get_hook("fragjobs_step_counter") is not None
+    remove_block_caching(unet)

@@ -1,9 +1,20 @@
-"""Block caching: reuse a UNet block's previous output on the steps where it barely changes.
+"""Block caching: reuse UNet blocks' previous outputs on the steps where they barely change.
 
 The profile records, per block (down, mid, up), the relative change of its output from one
 step to the next. Following Block Caching (Wimbauer et al., CVPR 2024), a block is recomputed
-when the change accumulated since its last computation would exceed ``delta``; on the other
-steps its cached output is returned without running it. Step 0 always computes.
+when the change accumulated since its last computation would exceed a budget; on the other
+steps its cached output is returned without running it.
+
+The blocks are grouped by UNet depth: level ``l`` is ``down_blocks.l`` with its mirror
+``up_blocks.(L-1-l)`` (the mid block joins the deepest level). A deeper level is only worth
+recomputing when everything shallower is recomputed too (it reads their fresh outputs, and
+its output is only read by them), so the schedules are nested: each level's recompute steps
+are a subset of the next shallower level's. Each level follows the change of its branch's
+output (``up_blocks.(L-1-l)``): level 0 with ``shallow_delta`` (``None``: every step, as in
+DeepCache), level ``l >= 1`` with ``delta * 2**(l-1)``. The first ``warmup_steps`` steps
+always compute. With ``shallow_delta=None`` and a uniform schedule this is DeepCache; the
+profiled, prompt-specific budgets make it non-uniform (dense where the prompt's features
+move, sparse where they settle).
 
 The schedule is applied with diffusers hooks (``diffusers.hooks.HookRegistry``): a step
 counter on the UNet (it restarts when the timestep goes up, i.e. at a new generation) and one
@@ -12,7 +23,7 @@ state is reset between generations.
 
 Example::
 
-    schedule = plan_block_caching(profile, BlockCachingConfig(delta=0.3))
+    schedule = plan_block_caching(changes, times, steps=20, delta=0.25, shallow_delta=0.25)
     apply_block_caching(unet, schedule)
     ...
     remove_block_caching(unet)
@@ -20,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +39,19 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from fragjobs.errors import InvalidInputError
+from fragjobs.keys import check_fraction
 
 STEP_COUNTER_HOOK = "fragjobs_step_counter"
 BLOCK_CACHE_HOOK = "fragjobs_block_cache"
+_BLOCK_NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)$|^mid_block$")
+
+
+def _positive(values: tuple, name: str, *, allow_none: bool = False) -> None:
+    for v in values:
+        if v is None and allow_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise InvalidInputError(f"{name} must be positive numbers, got {values!r}")
 
 
 @dataclass(frozen=True)
@@ -37,21 +59,39 @@ class BlockCachingConfig:
     """How a schedule is searched for.
 
     Args:
-        deltas: candidate accumulated-change budgets, tried from the largest (fastest) down;
-            the extraction keeps the fastest whose images stay within ``min_ssim`` of the full
-            model's on the profiling seeds.
+        deltas: candidate change budgets of the deep levels (level 1; level ``l`` gets
+            ``delta * 2**(l-1)``).
+        shallow_deltas: candidate budgets of level 0 (``None``: computed every step).
+        warmup: fraction of the steps, at the start, that always compute (at least one):
+            the layout is decided there, and skipping in them flips it on some seeds.
         min_ssim: the fidelity knob, in (0, 1]: SSIM against the full model required on
             every profiling seed (the worst seed decides).
+        max_trials: candidate schedules generated at most while searching (a bisection over
+            the candidates sorted by estimated cost).
     """
 
-    deltas: tuple[float, ...] = (2.0, 1.5, 1.0, 0.7, 0.5, 0.35, 0.25, 0.15)
+    deltas: tuple[float, ...] = (0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0)
+    shallow_deltas: tuple[float | None, ...] = (None, 0.15, 0.25, 0.4, 0.6, 1.0)
+    warmup: float = 0.2
     min_ssim: float = 0.9
+    max_trials: int = 8
 
     def __post_init__(self) -> None:
-        if not self.deltas or any(not isinstance(d, int | float) or d <= 0 for d in self.deltas):
-            raise InvalidInputError(f"deltas must be positive numbers, got {self.deltas!r}")
-        if not isinstance(self.min_ssim, int | float) or not 0 < self.min_ssim <= 1:
-            raise InvalidInputError(f"min_ssim must be in (0, 1], got {self.min_ssim!r}")
+        if not self.deltas or not self.shallow_deltas:
+            raise InvalidInputError("deltas and shallow_deltas must not be empty")
+        _positive(self.deltas, "deltas")
+        _positive(self.shallow_deltas, "shallow_deltas", allow_none=True)
+        value = self.max_trials
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"max_trials must be an integer >= 1, got {value!r}")
+        value = self.warmup
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise InvalidInputError(f"warmup must be a fraction in [0, 1), got {value!r}")
+        check_fraction(self.min_ssim, "min_ssim")
+
+    def warmup_steps(self, steps: int) -> int:
+        """Steps at the start that always compute, for ``steps`` inference steps."""
+        return max(1, round(self.warmup * steps))
 
 
 @dataclass(frozen=True)
@@ -63,6 +103,8 @@ class CachingSchedule:
     delta: float
     estimated_cost: float  # fraction of block time still spent, from profiled block times
     block_time_ms: dict[str, float] = field(default_factory=dict)
+    shallow_delta: float | None = None
+    warmup_steps: int = 1
 
     def skipped_fraction(self) -> float:
         """Fraction of block evaluations skipped (unweighted)."""
@@ -70,27 +112,108 @@ class CachingSchedule:
         return 1 - sum(len(s) for s in self.recompute.values()) / total if total else 0.0
 
 
+def block_levels(blocks: list[str] | dict[str, Any]) -> dict[str, int]:
+    """UNet depth of each block: ``down_blocks.l`` and ``up_blocks.(L-1-l)`` are level ``l``."""
+    names = list(blocks)
+    bad = [n for n in names if not _BLOCK_NAME.match(n)]
+    if bad:
+        raise InvalidInputError(f"not UNet block names: {bad}")
+    depth = sum(n.startswith("down_blocks.") for n in names)
+    if depth == 0:
+        raise InvalidInputError("block caching needs the UNet's down blocks")
+    levels = {}
+    for name in names:
+        if name == "mid_block":
+            levels[name] = depth - 1
+        else:
+            kind, index = name.split(".")
+            index = int(index)
+            levels[name] = index if kind == "down_blocks" else depth - 1 - index
+            if not 0 <= levels[name] < depth:
+                raise InvalidInputError(f"{name} has no mirror block among {names}")
+    return levels
+
+
 def plan_block_caching(
-    block_change: dict[str, list[float]], block_time_ms: dict[str, float], steps: int, delta: float
+    block_change: dict[str, list[float]],
+    block_time_ms: dict[str, float],
+    steps: int,
+    delta: float,
+    *,
+    shallow_delta: float | None = None,
+    warmup_steps: int = 1,
 ) -> CachingSchedule:
-    """The schedule for one ``delta``, from per-block changes ``c[t]`` (t = 1..steps-1)."""
-    recompute = {}
+    """The nested schedule for one pair of budgets, from per-block changes ``c[t]``."""
     for block, changes in block_change.items():
         if len(changes) != steps - 1:
             raise InvalidInputError(
                 f"{block}: {len(changes)} step changes recorded, {steps - 1} needed for "
                 f"{steps} steps; profile with the same number of steps"
             )
-        chosen, accumulated = [0], 0.0
-        for t, change in enumerate(changes, start=1):
-            accumulated += change
-            if accumulated > delta:
+    levels = block_levels(block_change)
+    depth = max(levels.values()) + 1
+    allowed = list(range(steps))
+    level_steps: dict[int, tuple[int, ...]] = {}
+    for level in range(depth):
+        budget = shallow_delta if level == 0 else delta * 2 ** (level - 1)
+        if budget is None:
+            level_steps[level] = tuple(allowed)
+            continue
+        signal = _level_signal(block_change, levels, level, depth)
+        chosen, accumulated, allowed_set = [], 0.0, set(allowed)
+        for t in range(steps):
+            accumulated += signal[t - 1] if t else 0.0
+            if t in allowed_set and (t < warmup_steps or accumulated > budget):
                 chosen.append(t)
                 accumulated = 0.0
-        recompute[block] = tuple(chosen)
+        level_steps[level] = tuple(chosen)
+        allowed = chosen
+    recompute = {block: level_steps[level] for block, level in levels.items()}
     total = sum(block_time_ms.get(b, 1.0) for b in recompute) or 1.0
     cost = sum(block_time_ms.get(b, 1.0) * len(s) / steps for b, s in recompute.items()) / total
-    return CachingSchedule(steps, recompute, delta, round(cost, 6), dict(block_time_ms))
+    return CachingSchedule(
+        steps,
+        recompute,
+        delta,
+        round(cost, 6),
+        dict(block_time_ms),
+        shallow_delta=shallow_delta,
+        warmup_steps=warmup_steps,
+    )
+
+
+def _level_signal(block_change, levels, level, depth) -> list[float]:
+    """The change of the level's branch output (its up block), else of its largest block."""
+    up = f"up_blocks.{depth - 1 - level}"
+    if up in block_change:
+        return list(block_change[up])
+    members = [block_change[b] for b, lv in levels.items() if lv == level]
+    return [max(values) for values in zip(*members, strict=True)]
+
+
+def candidate_schedules(
+    block_change: dict[str, list[float]],
+    block_time_ms: dict[str, float],
+    steps: int,
+    config: BlockCachingConfig,
+) -> list[CachingSchedule]:
+    """Every distinct schedule of the config's budgets, cheapest (estimated) first."""
+    seen, out = set(), []
+    for shallow in config.shallow_deltas:
+        for delta in config.deltas:
+            schedule = plan_block_caching(
+                block_change,
+                block_time_ms,
+                steps,
+                delta,
+                shallow_delta=shallow,
+                warmup_steps=config.warmup_steps(steps),
+            )
+            signature = tuple(sorted(schedule.recompute.items()))
+            if signature not in seen:
+                seen.add(signature)
+                out.append(schedule)
+    return sorted(out, key=lambda s: (s.estimated_cost, s.delta))
 
 
 class _StepState:
@@ -193,54 +316,71 @@ def search_block_caching(
     *,
     height: int,
     width: int,
+    reference: torch.Tensor | None = None,
 ) -> tuple[CachingSchedule | None, list[dict[str, float | None]]]:
     """The fastest schedule whose images keep ``config.min_ssim`` against the full model.
 
-    Full model and ``unet`` (with the schedule's hooks) generate the profiling seeds with
-    the profiling settings; candidates are tried from the largest ``delta`` down and the
-    first that passes is kept (larger deltas skip more). ``unet`` is left with the chosen
-    schedule attached, or with none when no candidate passes.
+    The candidates (every budget pair, sorted by the cost estimated from profiled block
+    times) are bisected: a candidate passes when the worst profiling seed keeps
+    ``config.min_ssim``. A pass rules out every costlier candidate; a failure rules out the
+    candidates that recompute no more than it did (fidelity is not monotone in cost across
+    levels, so cheaper candidates with other recompute steps stay open). At most
+    ``config.max_trials`` are generated; the cheapest that passed is kept. The full model's
+    images are ``reference``, else the profile's own final latents decoded (generated again
+    only when the profile holds none). ``unet`` is left with the chosen schedule attached, or
+    with none when no candidate tried passes.
 
     Returns:
-        ``(schedule or None, one row per candidate: delta, estimated_cost, ssim_min,
-        ssim_mean)``.
+        ``(schedule or None, one row per candidate tried: delta, shallow_delta,
+        estimated_cost, ssim_min, ssim_mean)``.
     """
-    from fragjobs.generation import GenerationConfig, generate_images, with_unet
-    from fragjobs.validation import compute_quality
+    from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
 
-    cfg = profile.config
-    seeds = list(cfg.seeds)
-    gen = GenerationConfig(
-        steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale,
-        height=height,
-        width=width,
-        batch_size=len(seeds),
+    gen = profiling_generation(profile, height, width)
+    if reference is None:
+        reference = reference_images(pipe, profile, height, width)
+    candidates = candidate_schedules(
+        profile.mean_block_change(), profile.layer_time_ms, profile.config.steps, config
     )
-    full = generate_images(pipe, profile.prompt, seeds, gen)
-    fragment_pipe = with_unet(pipe, unet)
-    changes, times = profile.mean_block_change(), profile.layer_time_ms
     rows: list[dict[str, float | None]] = []
-    seen: set[tuple] = set()
-    for delta in sorted(config.deltas, reverse=True):
-        schedule = plan_block_caching(changes, times, cfg.steps, delta)
-        signature = tuple(sorted(schedule.recompute.items()))
-        if signature in seen:
-            continue
-        seen.add(signature)
+    passed: dict[int, bool] = {}
+
+    def passes(index: int) -> bool:
+        schedule = candidates[index]
         apply_block_caching(unet, schedule)
-        images = generate_images(fragment_pipe, profile.prompt, seeds, gen)
-        quality = compute_quality(full, images, profile.prompt)
-        ssim = min(quality.ssim_per_image)  # every profiling seed must keep the fidelity
+        ssim, mean = seed_ssim(pipe, unet, profile, reference, gen)  # the worst seed decides
         rows.append(
             {
-                "delta": delta,
+                "delta": schedule.delta,
+                "shallow_delta": schedule.shallow_delta,
                 "estimated_cost": schedule.estimated_cost,
                 "ssim_min": round(ssim, 6),
-                "ssim_mean": round(quality.ssim, 6),
+                "ssim_mean": round(mean, 6),
             }
         )
-        if ssim >= config.min_ssim:
-            return schedule, rows
-    remove_block_caching(unet)
-    return None, rows
+        passed[index] = ssim >= config.min_ssim
+        return passed[index]
+
+    best: int | None = None
+    open_ = list(range(len(candidates)))  # not yet tried, cheaper than the best that passed
+    while open_ and len(rows) < config.max_trials:
+        index = open_[len(open_) // 2]
+        if passes(index):
+            best = index
+            open_ = [i for i in open_ if i < index]
+        else:  # a schedule computing no more than a failed one fails too
+            failed = candidates[index]
+            open_ = [i for i in open_ if i != index and not _within(candidates[i], failed)]
+    if best is None:
+        remove_block_caching(unet)
+        return None, rows
+    apply_block_caching(unet, candidates[best])
+    return candidates[best], rows
+
+
+def _within(schedule: CachingSchedule, other: CachingSchedule) -> bool:
+    """Whether ``schedule`` recomputes every block at no step that ``other`` does not."""
+    return all(
+        set(steps) <= set(other.recompute.get(block, ()))
+        for block, steps in schedule.recompute.items()
+    )

@@ -11,7 +11,7 @@ edits, the base checked by sha256.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,12 @@ from fragjobs.extraction.caching import (
     apply_block_caching,
     search_block_caching,
 )
+from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
 from fragjobs.extraction.heads import (
     HeadPruningConfig,
     HeadSelectionConfig,
     apply_head_pruning_,
+    guard_fractions,
     select_heads,
 )
 from fragjobs.extraction.int8 import Int8Config, apply_int8_, plan_int8, quantize_weight
@@ -129,8 +131,16 @@ def extract_fragment(
     unet = copy.deepcopy(pipe.unet)
     bytes_base = weight_bytes(pipe.unet)
     tensors: dict[str, torch.Tensor] = {}
+    cfg = profile.config
+    height, width = cfg.height or base.height, cfg.width or base.width
+    reference = None
+    if config.heads.min_ssim is not None or config.caching is not None:
+        reference = reference_images(pipe, profile, height, width)
 
-    pruning = select_heads(profile.head_scores(), profile.rank_std(), config.heads)
+    heads, head_search = config.heads, []
+    if heads.min_ssim is not None and heads.threshold < 1.0:
+        heads, head_search = _guard_heads(pipe, profile, heads, reference, height, width)
+    pruning = select_heads(profile.head_scores(), profile.rank_std(), heads)
     pruning_report = apply_head_pruning_(unet, pruning)
     for name, kept in pruning.keep.items():
         tensors[f"pruning.{name}.keep"] = torch.tensor(kept, dtype=torch.int64)
@@ -169,12 +179,10 @@ def extract_fragment(
             precision_map=precision, max_abs_error=round(max_error, 8) if quantized else None
         )
 
-    cfg = profile.config
-    height, width = cfg.height or base.height, cfg.width or base.width
     routing = DynamicRoutingLayer(enabled=False, reason="block caching not requested")
     if config.caching is not None:
         schedule, search = search_block_caching(
-            pipe, unet, profile, config.caching, height=height, width=width
+            pipe, unet, profile, config.caching, height=height, width=width, reference=reference
         )
         routing = _routing_layer(schedule, search, config.caching)
 
@@ -200,9 +208,12 @@ def extract_fragment(
             rank_stability_reason=None if stability is not None else "needs two or more seeds",
         ),
         pruning=PruningLayer(
-            threshold=config.heads.threshold,
-            min_heads_per_layer=config.heads.min_heads_per_layer,
-            rank_margin=config.heads.rank_margin,
+            threshold=heads.threshold,
+            min_heads_per_layer=heads.min_heads_per_layer,
+            rank_margin=heads.rank_margin,
+            requested_threshold=config.heads.threshold,
+            min_ssim=heads.min_ssim,
+            search=head_search,
             heads_total=pruning_report["heads_before"],
             heads_kept=pruning_report["heads_after"],
             keep={n: list(k) for n, k in pruning.keep.items()},
@@ -223,6 +234,35 @@ def extract_fragment(
     return Fragment(manifest, tensors), unet
 
 
+def _guard_heads(pipe, profile, heads, reference, height, width):
+    """The smallest kept fraction whose pruned UNet keeps ``heads.min_ssim`` (bisected)."""
+    gen = profiling_generation(profile, height, width)
+    scores, rank_std = profile.head_scores(), profile.rank_std()
+    fractions = guard_fractions(heads)
+    rows: list[dict[str, float | None]] = []
+    chosen, low, high = 1.0, 0, len(fractions) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = replace(heads, threshold=fractions[middle])
+        unet = copy.deepcopy(pipe.unet)
+        report = apply_head_pruning_(unet, select_heads(scores, rank_std, candidate))
+        worst, mean = seed_ssim(pipe, unet, profile, reference, gen)
+        del unet
+        rows.append(
+            {
+                "threshold": fractions[middle],
+                "heads_kept": report["heads_after"],
+                "ssim_min": round(worst, 6),
+                "ssim_mean": round(mean, 6),
+            }
+        )
+        if worst >= heads.min_ssim:
+            chosen, high = fractions[middle], middle - 1
+        else:
+            low = middle + 1
+    return replace(heads, threshold=chosen), rows
+
+
 def _routing_layer(schedule, search, config: BlockCachingConfig) -> DynamicRoutingLayer:
     if schedule is None:
         return DynamicRoutingLayer(
@@ -235,6 +275,8 @@ def _routing_layer(schedule, search, config: BlockCachingConfig) -> DynamicRouti
         enabled=True,
         steps=schedule.steps,
         delta=schedule.delta,
+        shallow_delta=schedule.shallow_delta,
+        warmup_steps=schedule.warmup_steps,
         schedule={b: list(s) for b, s in sorted(schedule.recompute.items())},
         estimated_cost=schedule.estimated_cost,
         min_ssim=config.min_ssim,
@@ -252,6 +294,8 @@ def caching_schedule(manifest: FragmentManifest) -> CachingSchedule | None:
         recompute={b: tuple(s) for b, s in routing.schedule.items()},
         delta=routing.delta or 0.0,
         estimated_cost=routing.estimated_cost or 1.0,
+        shallow_delta=routing.shallow_delta,
+        warmup_steps=routing.warmup_steps or 1,
     )
 
 

@@ -30,14 +30,24 @@ class HeadSelectionConfig:
         min_heads_per_layer: every attention module keeps at least this many heads.
         rank_margin: a head whose within-module rank moves by more than this fraction of
             the module's heads (std across seeds) is kept as a safety margin.
+        min_ssim: fidelity guard, in (0, 1] or ``None`` (off). When set, the extraction
+            raises the kept fraction from ``threshold`` toward 1.0 (``guard_steps`` even
+            steps, bisected) until the pruned UNet's images keep this SSIM against the full
+            model on every profiling seed; keeping every head always passes.
+        guard_steps: kept fractions tried between ``threshold`` and 1.0 by the guard.
     """
 
     threshold: float = 0.75
     min_heads_per_layer: int = 1
     rank_margin: float = 0.25
+    min_ssim: float | None = None
+    guard_steps: int = 4
 
     def __post_init__(self) -> None:
         check_fraction(self.threshold, "threshold")
+        if self.min_ssim is not None:
+            check_fraction(self.min_ssim, "min_ssim")
+        check_int(self.guard_steps, "guard_steps", minimum=1, maximum=64)
         check_int(self.min_heads_per_layer, "min_heads_per_layer", minimum=1, maximum=1024)
         if not isinstance(self.rank_margin, int | float) or not 0 <= self.rank_margin <= 1:
             raise InvalidInputError(f"rank_margin must be in [0, 1], got {self.rank_margin!r}")
@@ -56,6 +66,12 @@ class HeadPruningConfig:
                 raise InvalidInputError(f"{name}: a module must keep at least one head")
             if list(heads) != sorted(set(heads)):
                 raise InvalidInputError(f"{name}: kept heads must be sorted and distinct")
+
+
+def guard_fractions(config: HeadSelectionConfig) -> list[float]:
+    """Kept fractions the fidelity guard may use, from ``threshold`` up (1.0 excluded)."""
+    step = (1.0 - config.threshold) / config.guard_steps
+    return [round(config.threshold + k * step, 6) for k in range(config.guard_steps)]
 
 
 def select_heads(

@@ -2,6 +2,7 @@
 
 from fragjobs.generation.generate import (
     GenerationConfig,
+    decode_latents,
     generate_images,
     measure_latency_ms,
     with_unet,
@@ -10,6 +11,7 @@ from fragjobs.generation.memory import memory_report, peak_rss_bytes, process_rs
 
 __all__ = [
     "GenerationConfig",
+    "decode_latents",
     "generate_images",
     "measure_latency_ms",
     "memory_report",

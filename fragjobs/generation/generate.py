@@ -81,6 +81,18 @@ def generate_images(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents → float images (N, 3, H, W) in [0, 1], as the pipeline decodes them."""
+    vae = pipe.vae
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    images = pipe.image_processor.postprocess(
+        decoded, output_type="pt", do_denormalize=[True] * decoded.shape[0]
+    )
+    return images.float().cpu().clamp(0, 1)
+
+
 def measure_latency_ms(
     pipe: Any, prompt: str, config: GenerationConfig, *, repeats: int = 3, seed: int = 0
 ) -> float:

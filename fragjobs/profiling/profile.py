@@ -81,6 +81,9 @@ class PromptProfile:
     block_change: dict[str, torch.Tensor] = field(default_factory=dict)  # block → (seeds, steps-1)
     layer_time_ms: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    # the full model's final latents for the profiling seeds (reference images for the
+    # caching search, so the extraction need not regenerate them); None if not recorded
+    final_latents: torch.Tensor | None = None
 
     def head_scores(self) -> dict[str, torch.Tensor]:
         """Importance per head: energy share within its module, averaged over seeds.
@@ -163,11 +166,15 @@ class PromptProfile:
         ):
             for name, tensor in table.items():
                 tensors[f"{prefix}/{name}"] = tensor.contiguous().float()
+        if self.final_latents is not None:
+            tensors["latents/final"] = self.final_latents.contiguous().float()
         meta = {
             "schema": SCHEMA,
             "prompt": self.prompt,
             "config": json.dumps(asdict(self.config), sort_keys=True),
             "head_kind": json.dumps(self.head_kind, sort_keys=True),
+            "layer_time_ms": json.dumps(self.layer_time_ms, sort_keys=True),
+            "elapsed_s": json.dumps(self.elapsed_s),
         }
         stats_path = folder / PROFILE_STATS_FILE
         save_file(tensors, str(stats_path), metadata=meta)
@@ -186,6 +193,8 @@ class PromptProfile:
             tensors = load_file(str(stats_path))
             config = json.loads(meta["config"])
             head_kind = json.loads(meta["head_kind"])
+            layer_time_ms = json.loads(meta.get("layer_time_ms", "{}"))
+            elapsed_s = float(json.loads(meta.get("elapsed_s", "0")))
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise ManifestError(f"unreadable profile {stats_path}: {exc}") from exc
         tables: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -201,6 +210,9 @@ class PromptProfile:
             entropy=tables["entropy"],
             prompt_mass=tables["prompt_mass"],
             block_change=tables["block_change"],
+            layer_time_ms=layer_time_ms,
+            elapsed_s=elapsed_s,
+            final_latents=tables["latents"].get("final"),
         )
 
 
@@ -260,12 +272,14 @@ def profile_prompt(
 
     handles.append(unet.register_forward_pre_hook(on_unet_call))
     for block_name, block in unet_blocks(unet).items():
-        handles += _timing_and_change_hooks(block_name, block, n, previous, changes, times)
+        handles += _timing_and_change_hooks(
+            block_name, block, n, previous, changes, times, lambda: state.recording
+        )
 
     bar = tqdm(total=config.steps, desc="profile", disable=not progress, leave=False)
     started = time.perf_counter()
     try:
-        pipe(
+        latents = pipe(
             prompt_text,
             num_inference_steps=config.steps,
             guidance_scale=config.guidance_scale,
@@ -275,7 +289,7 @@ def profile_prompt(
             width=config.width,
             output_type="latent",
             callback_on_step_end=lambda _p, _i, _t, kw: (bar.update(1), kw)[1],
-        )
+        ).images
     finally:
         bar.close()
         for handle in handles:
@@ -299,19 +313,35 @@ def profile_prompt(
         entropy=entropy,
         prompt_mass=mass,
         block_change={b: torch.stack(c, dim=1) for b, c in changes.items()},
-        layer_time_ms={k: 1000 * sum(v) / len(v) for k, v in times.items()},
+        layer_time_ms=_block_times_ms(times),
         elapsed_s=elapsed,
+        final_latents=latents.detach().float().cpu(),
     )
 
 
-def _timing_and_change_hooks(name, block, n, previous, changes, times):
+def _block_times_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    """Mean time per block call (ms), from the steps without head recording when any ran."""
+    out = {}
+    for name in {k.rstrip("*") for k in times}:
+        samples = times.get(name) or times[f"{name}*"]
+        out[name] = 1000 * sum(samples) / len(samples)
+    return dict(sorted(out.items()))
+
+
+def _timing_and_change_hooks(name, block, n, previous, changes, times, recording):
+    """Hooks recording the block's output change per step and its time.
+
+    Times are kept apart for steps that record head statistics (slower attention) and the
+    others (plain SDPA, the time a generation spends): ``times[name]`` vs ``times[name + "*"]``.
+    """
     started: dict[str, float] = {}
 
     def pre(_module, _args):
         started[name] = time.perf_counter()
 
     def post(_module, _args, output):
-        times[name].append(time.perf_counter() - started[name])
+        slot = f"{name}*" if recording() else name
+        times[slot].append(time.perf_counter() - started[name])
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = hidden.detach().float()
         if name in previous:

@@ -1,0 +1,52 @@
+"""Fidelity checks used while extracting: a candidate UNet against the full model's images.
+
+The full model's images for the profiling seeds come from the profile's own final latents
+(decoded), so a check costs only the candidate's generation. The worst seed decides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def profiling_generation(profile: Any, height: int, width: int) -> Any:
+    """The generation settings of the profiling run (all seeds in one batch)."""
+    from fragjobs.generation import GenerationConfig
+
+    cfg = profile.config
+    return GenerationConfig(
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        height=height,
+        width=width,
+        batch_size=len(cfg.seeds),
+    )
+
+
+@torch.no_grad()
+def reference_images(pipe: Any, profile: Any, height: int, width: int) -> torch.Tensor:
+    """The full model's images for the profiling seeds (regenerated if the profile has none)."""
+    from fragjobs.generation import decode_latents, generate_images
+
+    seeds = list(profile.config.seeds)
+    latents = getattr(profile, "final_latents", None)
+    if latents is not None and latents.shape[0] == len(seeds):
+        return decode_latents(pipe, latents)
+    return generate_images(
+        pipe, profile.prompt, seeds, profiling_generation(profile, height, width)
+    )
+
+
+@torch.no_grad()
+def seed_ssim(
+    pipe: Any, unet: torch.nn.Module, profile: Any, reference: torch.Tensor, gen: Any
+) -> tuple[float, float]:
+    """``(worst, mean)`` SSIM of ``unet``'s images against ``reference`` on the profiling seeds."""
+    from fragjobs.generation import generate_images, with_unet
+    from fragjobs.validation import compute_quality
+
+    images = generate_images(with_unet(pipe, unet), profile.prompt, list(profile.config.seeds), gen)
+    quality = compute_quality(reference, images, profile.prompt)
+    return min(quality.ssim_per_image), quality.ssim
