@@ -237,7 +237,7 @@ def _time_methods(rows, runners, prompt: str, gen: Any, repeats: int) -> None:
     recorded on a GPU); then ``repeats`` rounds time one batch of each method in turn, the
     order rotating each round, so drifts of a shared machine hit every method alike.
     """
-    from fragjobs.generation import generate_images
+    from fragjobs.generation import generate_images, sync_device
 
     seeds = list(range(gen.batch_size))
     timings: dict[str, list[float]] = {row["method"]: [] for row in rows}
@@ -257,18 +257,13 @@ def _time_methods(rows, runners, prompt: str, gen: Any, repeats: int) -> None:
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             with runners[name]() as pipe:
-                _sync()
+                sync_device()
                 started = time.perf_counter()
                 generate_images(pipe, prompt, seeds, gen)
-                _sync()
+                sync_device()
                 timings[name].append((time.perf_counter() - started) * 1000 / gen.batch_size)
     for row in rows:
         row["latency_ms"] = round(statistics.median(timings[row["method"]]), 2)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:

@@ -5,6 +5,7 @@ from fragjobs.generation.generate import (
     decode_latents,
     generate_images,
     measure_latency_ms,
+    sync_device,
     with_unet,
 )
 from fragjobs.generation.memory import memory_report, peak_rss_bytes, process_rss_bytes
@@ -17,5 +18,6 @@ __all__ = [
     "memory_report",
     "peak_rss_bytes",
     "process_rss_bytes",
+    "sync_device",
     "with_unet",
 ]
