@@ -6,17 +6,21 @@ times every method once, so a shared machine's drift hits all alike):
 
 * ``full``: the base pipeline;
 * fragments with each technique alone (``heads``, ``low_rank``, ``int8``, ``caching``) and
-  ``all`` together (the chain's own config); ``name@0.95`` extracts with another fidelity knob
-  (e.g. ``caching@0.95,all@0.95`` for the fastest schedule keeping SSIM 0.95);
+  ``all`` together (the chain's own config), or any combination joined by ``+``
+  (``low_rank+int8+caching``: the chain's config without head pruning); ``name@0.95``
+  extracts with another fidelity knob (e.g. ``caching@0.95,all@0.95`` for the fastest
+  schedule keeping SSIM 0.95);
 * peers: DeepCache (``DeepCacheSDHelper``, intervals 3 and 5) and ToMe-SD (ratio 0.5), when
   installed (``pip install deepcache tomesd``), else a row saying why not.
 
 For each: per-image latency, speed-up vs full, SSIM and PSNR of its images against the full
-model's at the same seeds, UNet weight bytes, CUDA peak memory on a GPU. Break-even of each
-fragment (H5) = (profile + extract + validate seconds) / (full − fragment seconds per image),
-with profiling on the chain's four seeds and validation as ``fragjobs validate`` does it (full
-model and fragment on the evaluation seeds). Writes
-JSON, a markdown table and a speed-up vs SSIM plot. On random-weight models SSIM is reported
+model's at the same seeds, UNet weight bytes, CUDA peak memory on a GPU, and the RSS held and
+peak RSS of a fresh process that loads only that method and makes one batch
+(:mod:`fragjobs.bench_memory`; each fragment is saved under ``--out/fragments/<model>/``).
+Break-even of each fragment (H5) = (profile + extract + validate seconds) / (full − fragment
+seconds per image), with profiling on the chain's four seeds and validation as ``fragjobs
+validate`` does it (full model and fragment on the evaluation seeds). Writes JSON, a markdown
+table and a speed-up vs SSIM plot. On random-weight models SSIM is reported
 but says nothing about quality. Ratios are only comparable within one run on one machine.
 """
 
@@ -54,7 +58,7 @@ def _extraction_config(technique: str, threshold: float, fidelity: float):
         LowRankConfig,
     )
 
-    use = set(TECHNIQUES[:4]) if technique == "all" else {technique}
+    use = set(TECHNIQUES[:4]) if technique == "all" else set(technique.split("+"))
     return ExtractionConfig(
         heads=HeadSelectionConfig(threshold, min_ssim=head_guard(fidelity))
         if "heads" in use
@@ -66,7 +70,7 @@ def _extraction_config(technique: str, threshold: float, fidelity: float):
 
 
 @contextlib.contextmanager
-def _peer(pipe: Any, name: str) -> Iterator[Any]:
+def peer_pipeline(pipe: Any, name: str) -> Iterator[Any]:
     """The base pipeline with a peer method switched on, switched off afterwards."""
     if name.startswith("deepcache"):
         from DeepCache import DeepCacheSDHelper
@@ -102,11 +106,18 @@ def bench_model(
     profile_seeds: tuple[int, ...] = (0, 1, 2, 3),
     eval_seeds: int | None = None,
     interleave: bool = True,
+    fragments_dir: Path | None = None,
+    memory: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Every method on one model; returns ``{"model", ..., "rows": [...]}``."""
+    """Every method on one model; returns ``{"model", ..., "rows": [...]}``.
+
+    ``fragments_dir``: each fragment is saved there (``<method>/``); with ``memory``, each
+    method's RSS is then measured in a process of its own (:mod:`fragjobs.bench_memory`).
+    """
     from fragjobs.base_models import load_base
-    from fragjobs.extraction import extract_fragment, weight_bytes
+    from fragjobs.bench_memory import measure
+    from fragjobs.extraction import extract_fragment, save_fragment, weight_bytes
     from fragjobs.generation import GenerationConfig, generate_images, with_unet
     from fragjobs.profiling import ProfileConfig, profile_prompt
     from fragjobs.validation import compute_quality
@@ -174,7 +185,7 @@ def bench_model(
     add("full", lambda: contextlib.nullcontext(pipe), full_bytes, {})
     for name in methods:
         technique, _, knob = name.partition("@")
-        if technique in TECHNIQUES:
+        if technique in TECHNIQUES or set(technique.split("+")) <= set(TECHNIQUES[:4]):
             t0 = time.perf_counter()
             fragment, unet = extract_fragment(
                 pipe,
@@ -192,12 +203,15 @@ def bench_model(
                     include={"enabled", "delta", "shallow_delta", "estimated_cost"}
                 ),
             }
+            if fragments_dir is not None:
+                save_fragment(fragment, fragments_dir / name)
+                extra["fragment_dir"] = str(fragments_dir / name)
             fragment_pipe = with_unet(pipe, unet)
             add(name, lambda p=fragment_pipe: contextlib.nullcontext(p), weight_bytes(unet), extra)
             del fragment, unet, fragment_pipe
         else:
             try:
-                add(name, lambda n=name: _peer(pipe, n), full_bytes, {})
+                add(name, lambda n=name: peer_pipeline(pipe, n), full_bytes, {})
             except ImportError as exc:
                 rows.append(
                     {"method": name, "unavailable": f"{exc} (pip install deepcache tomesd)"}
@@ -209,6 +223,24 @@ def bench_model(
         _time_methods([r for r in rows if r["method"] in runners], runners, prompt, gen, repeats)
         for row in rows:
             log(json.dumps({"model": model, **row}))
+    runners.clear()
+    gc.collect()
+    if memory:
+        for row in rows:
+            if "unavailable" in row or ("extract_s" in row and "fragment_dir" not in row):
+                continue
+            figures = measure(
+                model,
+                prompt=prompt,
+                steps=steps,
+                size=size,
+                batch_size=batch_size,
+                fragment_dir=Path(row["fragment_dir"]) if "fragment_dir" in row else None,
+                peer=None if row["method"] == "full" or "extract_s" in row else row["method"],
+            )
+            row["rss_held_mib"] = round(figures["rss_held_bytes"] / 2**20, 1)
+            row["rss_peak_mib"] = round(figures["rss_peak_bytes"] / 2**20, 1)
+            log(json.dumps({"model": model, "method": row["method"], **figures}))
 
     full_ms = rows[0]["latency_ms"]
     for row in rows:
@@ -276,6 +308,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         "ssim_min",
         "psnr_db",
         "bytes_ratio",
+        "rss_held_mib",
+        "rss_peak_mib",
         "cuda_peak_mib",
         "break_even_variants",
     ]
@@ -338,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time each method right after building it (holds one fragment at a time)",
     )
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the per-method RSS probes (a fresh process per method)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", default="a dog on a jet ski")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -362,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 profile_seeds=tuple(range(args.profile_seeds)),
                 eval_seeds=args.eval_seeds,
                 interleave=not args.no_interleave,
+                fragments_dir=args.out / "fragments" / model,
+                memory=not args.no_memory,
                 methods=tuple(m.strip() for m in args.methods.split(",")),
                 log=lambda line: print(line, flush=True),
             )

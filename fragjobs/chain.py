@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -510,23 +510,42 @@ def validate(
     seeds: list[int] | tuple[int, ...] = DEFAULT_VALIDATION_SEEDS,
     ws: Workspace | None = None,
     progress: bool = True,
+    reference: torch.Tensor | None = None,
 ) -> ValidationResult:
     """Run full model and fragment on the same seeds, gate with ``thresholds.yaml``.
 
     The catalog gets a validation row and the status ``ready`` or ``failed_gate``; the stored
-    manifest gets its ``quality`` layer and ``verified``.
+    manifest gets its ``quality`` layer and ``verified``. ``reference``: the full model's
+    images of ``seeds`` made earlier in this process for the same prompt and generation
+    settings (``ValidationResult.full_images`` of another fragment of the same profile); they
+    are used instead of generating them again.
     """
     ws = ws or workspace()
     seeds = check_seeds(list(seeds))
+    if reference is not None and (
+        not isinstance(reference, torch.Tensor)
+        or reference.dim() != 4
+        or len(reference) != len(seeds)
+    ):
+        raise InvalidInputError(
+            f"reference must be a tensor of {len(seeds)} images (N, C, H, W), one per seed"
+        )
     thresholds = load_thresholds(ws.settings.thresholds_path)
     started = time.perf_counter()
     fragment = load_stored_fragment(key, ws)
     manifest = fragment.manifest
     loaded = base(manifest.base_model.name, ws.settings)
     gen = _generation_config(manifest, batch_size=len(seeds))
-    full = generate_images(
-        loaded.pipe, manifest.profiling.prompt, seeds, gen, progress=progress, desc="validate: full"
-    )
+    full = reference
+    if full is None:
+        full = generate_images(
+            loaded.pipe,
+            manifest.profiling.prompt,
+            seeds,
+            gen,
+            progress=progress,
+            desc="validate: full",
+        )
     frag_pipe = with_unet(loaded.pipe, fragment_unet(loaded, fragment))
     frag = generate_images(
         frag_pipe,
@@ -536,6 +555,10 @@ def validate(
         progress=progress,
         desc="validate: fragment",
     )
+    if full.shape != frag.shape:
+        raise InvalidInputError(
+            f"reference images are {tuple(full.shape)}, the fragment's {tuple(frag.shape)}"
+        )
     metrics = _quality(ws, loaded, full, frag, manifest.profiling.prompt)
     gate = evaluate_gate(metrics, thresholds)
     quality = QualityLayer(
@@ -799,10 +822,11 @@ def run(
     t0 = time.perf_counter()
     prof = profile(prompt, model=model, seeds=profile_seeds, ws=ws, progress=progress)
     t1 = time.perf_counter()
-    ext = extract(prof.profile_id, config, ws=ws, model=model)
-    t2 = time.perf_counter()
-    val = validate(ext.key, seeds=validation_seeds, ws=ws, progress=progress)
-    t3 = time.perf_counter()
+    ext, val, attempts = extract_and_validate(
+        prof.profile_id, config, seeds=validation_seeds, ws=ws, model=model, progress=progress
+    )
+    t2 = t1 + sum(a["extract_s"] for a in attempts)
+    t3 = t2 + sum(a["validate_s"] for a in attempts)
 
     loaded = base(model, ws.settings)
     fragment = load_stored_fragment(ext.key, ws)
@@ -862,6 +886,7 @@ def run(
         "used_for_generation": not result.used_fallback,
         "fallback_reason": result.fallback_reason,
         "job_id": result.job_id,
+        "attempts": attempts,
     }
 
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -882,6 +907,66 @@ def run(
         title=f"{loaded.info.name}: {prompt.strip()}",
     )
     return RunReport(out, ext.key, val.passed, summary, result)
+
+
+def extract_and_validate(
+    profile_id: str,
+    config: ExtractionConfig,
+    *,
+    seeds: list[int] | tuple[int, ...] = DEFAULT_VALIDATION_SEEDS,
+    ws: Workspace | None = None,
+    model: str | None = None,
+    progress: bool = True,
+) -> tuple[ExtractResult, ValidationResult, list[dict[str, Any]]]:
+    """Extract and validate; when the gate fails and heads were pruned, try once without.
+
+    Head pruning is the edit whose loss the profiling seeds see least: on a trained model,
+    pruning a few heads can flip one unseen seed's layout while every profiling seed keeps
+    its SSIM, and its guard cannot catch that. So a fragment with pruned heads that fails the
+    gate is followed by one without head pruning (same low-rank, int8 and caching settings;
+    its schedule searched again on the unpruned UNet), validated on the same seeds against
+    the same full-model images. Both stay in the catalog (the first as ``failed_gate``).
+
+    Returns:
+        The last extraction and its validation, and one row per attempt
+        (``key``, ``heads_kept``, ``heads_total``, ``passed``, ``ssim``, ``extract_s``,
+        ``validate_s``).
+    """
+    ws = ws or workspace()
+    attempts: list[dict[str, Any]] = []
+    reference = None
+    for _attempt in range(2):
+        started = time.perf_counter()
+        ext = extract(profile_id, config, ws=ws, model=model)
+        extracted = time.perf_counter()
+        val = validate(ext.key, seeds=seeds, ws=ws, progress=progress, reference=reference)
+        pruning = ext.manifest.pruning
+        attempts.append(
+            {
+                "key": ext.key,
+                "heads_kept": pruning.heads_kept,
+                "heads_total": pruning.heads_total,
+                "passed": val.passed,
+                "ssim": val.metrics.ssim,
+                "extract_s": round(extracted - started, 4),
+                "validate_s": round(time.perf_counter() - extracted, 4),
+            }
+        )
+        if val.passed or pruning.heads_kept >= pruning.heads_total:
+            break
+        log.warning(
+            "fragment %s failed the gate with %d/%d heads; extracting again without head pruning",
+            ext.key,
+            pruning.heads_kept,
+            pruning.heads_total,
+        )
+        heads = config.heads
+        config = replace(
+            config,
+            heads=HeadSelectionConfig(1.0, heads.min_heads_per_layer, heads.rank_margin),
+        )
+        reference = val.full_images
+    return ext, val, attempts
 
 
 def _device_name(device: torch.device) -> str:
@@ -990,6 +1075,7 @@ __all__ = [
     "apply_fragment_",
     "base",
     "extract",
+    "extract_and_validate",
     "extraction_config",
     "generate",
     "load_stored_fragment",

@@ -123,6 +123,7 @@ def run(
             model=model or get_settings().default_model,
             batch_size=batch_size,
             threshold=threshold,
+            fidelity=fidelity,
         )
         return
 
@@ -140,6 +141,12 @@ def run(
         paraphrases=list(paraphrases) or None,
     )
     hyp = report.summary["hypotheses"]
+    for attempt in report.summary["fragment"]["attempts"][:-1]:
+        click.echo(
+            f"fragment {attempt['key']}: gate FAILED with {attempt['heads_kept']}/"
+            f"{attempt['heads_total']} heads (ssim {attempt['ssim']:.3f}); "
+            "extracted again without head pruning"
+        )
     click.echo(f"fragment {report.key}: gate {'passed' if report.passed else 'FAILED'}")
     for name in sorted(hyp):
         click.echo(f"  {name} {hyp[name]['status']:<11} {hyp[name]['name']}")

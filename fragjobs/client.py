@@ -307,6 +307,7 @@ class Farm:
         queue: str | None = None,
         affinity: bool = True,
         pipeline_batch_size: int | None = None,
+        fidelity: float = 0.9,
     ) -> FarmJob:
         """Queue the chain for ``prompt``: ``variants`` seeds (or ``seeds``) in batches.
 
@@ -323,6 +324,8 @@ class Farm:
             affinity: route batches of a ready fragment to free workers that hold it warm.
             pipeline_batch_size: images per pipeline call inside a task (default:
                 ``batch_size``); PROGRESS is reported after each call.
+            fidelity: SSIM against the full model the fragment keeps on the profiling seeds,
+                in (0, 1] (the extraction's one quality knob).
 
         Returns:
             the :class:`FarmJob`, to follow with ``progress()`` and ``wait()``.
@@ -334,6 +337,7 @@ class Farm:
         from celery import chain, group
 
         prompt, model, seeds = self._check(prompt, variants, model, batch_size, threshold, seeds)
+        check_fraction(fidelity, "fidelity")
         if pipeline_batch_size is not None:
             check_int(pipeline_batch_size, "pipeline_batch_size", minimum=1, maximum=1024)
         if queue is not None and not _QUEUE_PATTERN.match(str(queue)):
@@ -388,7 +392,7 @@ class Farm:
             ),
             app.signature(
                 "fragjobs.extract",
-                kwargs={"threshold": threshold, "model": model},
+                kwargs={"threshold": threshold, "model": model, "fidelity": fidelity},
                 task_id=stage_ids["extract"],
                 argsrepr=f"(profile of {prompt!r})",
                 **pinned,

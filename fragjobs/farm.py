@@ -455,6 +455,9 @@ def status(timeout: float) -> None:
 @click.option("--model", default="tiny-sd", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=int, help="Seeds per task.")
 @click.option("--threshold", default=0.75, show_default=True, type=float)
+@click.option(
+    "--fidelity", default=0.9, show_default=True, type=float, help="SSIM the fragment keeps."
+)
 @click.option("--queue", default=None, help="Send every task to this queue (e.g. gpu.n1.0).")
 @click.option("--no-affinity", is_flag=True, help="Never route to a worker's own queue.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait.")
@@ -465,6 +468,7 @@ def run(
     model: str,
     batch_size: int,
     threshold: float,
+    fidelity: float,
     queue: str | None,
     no_affinity: bool,
     timeout: float,
@@ -481,6 +485,7 @@ def run(
             model=model,
             batch_size=batch_size,
             threshold=threshold,
+            fidelity=fidelity,
             queue=queue,
             affinity=not no_affinity,
         )

@@ -6,7 +6,7 @@ argument, so ``profile | extract | validate | group(generate, ...)`` is a plain 
 (built by :mod:`fragjobs.client`)::
 
     profile("a red circle", model="tiny-sd")  -> {"profile_id", "base_model_id", ...}
-    extract({"profile_id": ...}, threshold=0.75) -> {"key", "storage_uri", "reused", ...}
+    extract({"profile_id": ...}, threshold=0.75, fidelity=0.9) -> {"key", "storage_uri", ...}
     validate({"key": ...})                     -> {"key", "passed", "status", ...}
     generate({"key": ...}, prompt=..., seeds=[0, 1], job_id=...) -> {"job_id", "image_uris", ...}
 
@@ -171,11 +171,16 @@ def extract(
     model: str | None = None,
     low_rank: bool = True,
     int8: bool = True,
+    fidelity: float = 0.9,
 ) -> dict[str, Any]:
-    """Extract the fragment of a stored profile (``upstream``: profile's result or its id)."""
+    """Extract the fragment of a stored profile (``upstream``: profile's result or its id).
+
+    ``fidelity``: the SSIM against the full model the fragment keeps on the profiling seeds
+    (:func:`fragjobs.chain.extraction_config`).
+    """
     profile_id = validate_key(_field(upstream, "profile_id"))
     self.report_progress(0, 1, stage="extract", profile_id=profile_id)
-    config = chain.extraction_config(threshold, low_rank=low_rank, int8=int8)
+    config = chain.extraction_config(threshold, low_rank=low_rank, int8=int8, fidelity=fidelity)
     with transient_failures():
         result = chain.extract(profile_id, config, ws=chain.workspace(), model=model)
     return {

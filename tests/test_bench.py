@@ -5,7 +5,7 @@ from __future__ import annotations
 from fragjobs.bench import bench_model, markdown_table
 
 
-def test_bench_times_methods_interleaved_and_reports_break_even():
+def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
     result = bench_model(
         "tiny-sd",
         threshold=0.75,
@@ -17,6 +17,7 @@ def test_bench_times_methods_interleaved_and_reports_break_even():
         prompt="a dog on a jet ski",
         methods=("int8", "caching@0.8", "tome_0.5"),
         profile_seeds=(0, 1),
+        fragments_dir=tmp_path,
         log=lambda _line: None,
     )
     rows = {row["method"]: row for row in result["rows"]}
@@ -38,5 +39,53 @@ def test_bench_times_methods_interleaved_and_reports_break_even():
             assert row["break_even_variants"] is None
     # a peer that is not installed is a row saying so, not a missing row
     assert "latency_ms" in rows["tome_0.5"] or "pip install" in rows["tome_0.5"]["unavailable"]
+    # memory: each method measured in a process of its own, the fragment replayed from disk
+    for name in ("full", "int8", "caching@0.8"):
+        assert 0 < rows[name]["rss_held_mib"] <= rows[name]["rss_peak_mib"]
+    assert (tmp_path / "int8" / "fragment.safetensors").is_file()
     table = markdown_table([result])
     assert table.count("| tiny-sd 64px 4 steps |") == 4
+
+
+def test_memory_probe_replays_the_saved_fragment_in_its_own_process(tmp_path):
+    from fragjobs.base_models import load_base
+    from fragjobs.bench_memory import measure
+    from fragjobs.config import Settings
+    from fragjobs.extraction import (
+        ExtractionConfig,
+        HeadSelectionConfig,
+        Int8Config,
+        extract_fragment,
+        save_fragment,
+        weight_bytes,
+    )
+    from fragjobs.profiling import ProfileConfig, profile_prompt
+
+    loaded = load_base("tiny-sd", settings=Settings(data_dir=tmp_path / "data"))
+    prof = profile_prompt(
+        loaded.pipe, "a red car", ProfileConfig(seeds=(0,), steps=2), progress=False
+    )
+    config = ExtractionConfig(
+        HeadSelectionConfig(1.0), low_rank=None, int8=Int8Config(), caching=None
+    )
+    fragment, unet = extract_fragment(loaded.pipe, loaded.info, prof, config, profile_id="p")
+    save_fragment(fragment, tmp_path / "int8")
+    common = {"prompt": "a red car", "steps": 2, "size": None, "batch_size": 1}
+    full = measure("tiny-sd", **common)
+    int8 = measure("tiny-sd", fragment_dir=tmp_path / "int8", **common)
+    assert full["unet_bytes"] == weight_bytes(loaded.pipe.unet)
+    assert int8["unet_bytes"] == weight_bytes(unet) < 0.6 * full["unet_bytes"]
+    assert int8["fragment"] == str(tmp_path / "int8") and full["fragment"] is None
+    assert full["rss_held_bytes"] > full["unet_bytes"]  # the weights are resident, and more
+
+
+def test_methods_combine_techniques_with_plus():
+    from fragjobs.bench import _extraction_config
+
+    config = _extraction_config("low_rank+int8+caching", 0.75, 0.95)
+    assert config.heads.threshold == 1.0 and config.heads.min_ssim is None
+    assert config.low_rank is not None and config.int8 is not None
+    assert config.caching is not None and config.caching.min_ssim == 0.95
+    everything = _extraction_config("all", 0.75, 0.9)
+    assert everything.heads.threshold == 0.75 and everything.heads.min_ssim == 0.95
+    assert _extraction_config("int8", 0.75, 0.9).caching is None

@@ -71,6 +71,8 @@ def test_plan_nests_levels_and_accumulates_change_until_the_budget():
         {"max_trials": 0},
         {"warmup": 1.0},
         {"shallow_deltas": (None, 0)},
+        {"cost_tolerance": -0.1},
+        {"cost_tolerance": 1.0},
     )
     for bad in bad_configs:
         with pytest.raises(InvalidInputError):

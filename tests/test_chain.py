@@ -55,11 +55,16 @@ def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path):
     assert summary["hypotheses"]["H3"]["status"] == "UNAVAILABLE"  # not measured in a run
     assert summary["quality"]["lpips"] is None and summary["quality"]["lpips_reason"]
 
+    attempts = summary["fragment"]["attempts"]
+    assert attempts[-1]["key"] == report.key and attempts[-1]["passed"] == report.passed
+    assert len(attempts) == 1 or attempts[-1]["heads_kept"] == attempts[-1]["heads_total"]
     manifest = json.loads((out / "fragment_manifest.json").read_text())
     assert manifest["key"] == report.key
     assert manifest["verified"] == report.passed
     pruning = manifest["pruning"]
-    if pruning["heads_kept"] == pruning["heads_total"]:  # the guard kept them all: it shows why
+    if len(attempts) > 1:  # pruned heads failed the gate: extracted again keeping them all
+        assert pruning["threshold"] == pruning["requested_threshold"] == 1.0
+    elif pruning["heads_kept"] == pruning["heads_total"]:  # the guard kept them all: it shows why
         assert pruning["requested_threshold"] < 1.0 and pruning["threshold"] == 1.0
         assert pruning["search"] and all(
             row["ssim_min"] < pruning["min_ssim"] for row in pruning["search"]
@@ -144,6 +149,47 @@ def test_failed_gate_fragment_is_not_used(ws, settings, tmp_path, monkeypatch):
     assert ws.catalog.get_fragment(val.key).status == "failed_gate"
     result = chain.generate(PROMPT, variants=1, model="tiny-sd", key=val.key, ws=ws, progress=False)
     assert result.used_fallback and "failed_gate" in result.fallback_reason
+
+
+def test_failed_gate_with_pruned_heads_is_extracted_again_without(ws, tmp_path, monkeypatch):
+    strict = tmp_path / "strict.yaml"
+    from importlib.resources import files
+
+    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
+    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 0.999"))
+    monkeypatch.setattr(ws.settings, "thresholds_path", strict)
+    prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
+    config = chain.extraction_config(
+        0.5, low_rank=False, int8=False, caching=False, head_guard_on=False
+    )
+    ext, val, attempts = chain.extract_and_validate(
+        prof.profile_id, config, seeds=[5, 6], ws=ws, progress=False
+    )
+    first, second = attempts  # half the heads: fails; no edit left: the full model's images
+    assert first["heads_kept"] < first["heads_total"] and not first["passed"]
+    assert second["heads_kept"] == second["heads_total"] and second["passed"]
+    assert val.passed and ext.key == second["key"] != first["key"]
+    assert ws.catalog.get_fragment(first["key"]).status == "failed_gate"
+    assert ws.catalog.get_fragment(second["key"]).status == "ready"
+    assert torch.equal(val.full_images, val.fragment_images)
+
+    # a fragment without pruned heads that fails is not extracted again
+    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))
+    lossy = chain.extraction_config(1.0, caching=False)  # int8: not the full model
+    _, val, attempts = chain.extract_and_validate(
+        prof.profile_id, lossy, seeds=[5], ws=ws, progress=False
+    )
+    assert len(attempts) == 1 and not val.passed
+
+
+def test_validate_reference_must_match_the_seeds(ws):
+    prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
+    ext = chain.extract(prof.profile_id, chain.extraction_config(1.0, caching=False), ws=ws)
+    with pytest.raises(InvalidInputError, match="reference"):
+        chain.validate(ext.key, seeds=[1, 2], ws=ws, reference=torch.zeros(1, 3, 64, 64))
+    with pytest.raises(InvalidInputError, match="reference"):
+        chain.validate(ext.key, seeds=[1], ws=ws, reference=torch.zeros(1, 3, 8, 8))
+    assert ws.catalog.get_fragment(ext.key).status == "building"  # nothing recorded
 
 
 def test_apply_fragment_to_own_pipeline(ws, tmp_path):

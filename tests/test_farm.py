@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from fragjobs.client import AFFINITY_INSPECT_TIMEOUT_S, plan_batch_queues
+from fragjobs.errors import InvalidInputError
 from fragjobs.farm import (
     SHARED_QUEUE,
     FarmSettings,
@@ -197,6 +198,20 @@ def test_a_pinned_job_sends_every_task_to_its_queue(farm):
     generates = group["kwargs"]["tasks"]
     steps = [extract, validate, *generates]
     assert [s["options"]["queue"] for s in steps] == ["gpu.a.cpu0"] * 4
+    assert extract["kwargs"]["fidelity"] == 0.9  # the extraction's quality knob travels too
+
+
+def test_fidelity_is_checked_before_anything_is_queued(farm):
+    client, redis_client = farm
+    for bad in (0.0, 1.5, "high"):
+        with pytest.raises(InvalidInputError, match="fidelity"):
+            client.submit(PROMPT, variants=2, model="tiny-sd", fidelity=bad)
+    assert _queued(redis_client, SHARED_QUEUE) == []
+    client.submit("a blue moon", variants=2, model="tiny-sd", fidelity=0.97, queue="gpu.a.cpu0")
+    message = json.loads(redis_client.lrange("gpu.a.cpu0", 0, -1)[0])
+    _args, _kwargs, embed = json.loads(base64.b64decode(message["body"]))
+    extract = embed["chain"][-1]
+    assert extract["task"] == "fragjobs.extract" and extract["kwargs"]["fidelity"] == 0.97
 
 
 def test_pipeline_batch_size_is_the_tasks_batch_size(farm):

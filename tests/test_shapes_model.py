@@ -106,6 +106,10 @@ def test_caching_search_on_the_trained_model_keeps_fidelity_and_skips_work(shape
     assert chosen and chosen[0]["ssim_min"] >= 0.9  # the worst profiling seed kept it
     cheaper = [r for r in rows if r["estimated_cost"] < schedule.estimated_cost]
     assert all(r["ssim_min"] < 0.9 for r in cheaper)  # the cheapest tried that passed
+    for i, row in enumerate(rows):  # after a pass, only clearly cheaper candidates are tried
+        passed_before = [r["estimated_cost"] for r in rows[:i] if r["ssim_min"] >= 0.9]
+        if passed_before:
+            assert row["estimated_cost"] < min(passed_before) - config.cost_tolerance
     assert schedule.estimated_cost < 0.6  # most block time really skipped
     for steps in schedule.recompute.values():
         assert set(steps) >= set(range(config.warmup_steps(info.default_steps)))

@@ -68,6 +68,9 @@ class BlockCachingConfig:
             every profiling seed (the worst seed decides).
         max_trials: candidate schedules generated at most while searching (a bisection over
             the candidates sorted by estimated cost).
+        cost_tolerance: once a schedule passed, a cheaper candidate is tried only if its
+            estimated cost (fraction of the UNet's compute) is lower by more than this:
+            closer ones would buy a few percent of speed for a whole trial of generation.
     """
 
     deltas: tuple[float, ...] = (0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0)
@@ -75,6 +78,7 @@ class BlockCachingConfig:
     warmup: float = 0.2
     min_ssim: float = 0.9
     max_trials: int = 8
+    cost_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.deltas or not self.shallow_deltas:
@@ -88,6 +92,9 @@ class BlockCachingConfig:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
             raise InvalidInputError(f"warmup must be a fraction in [0, 1), got {value!r}")
         check_fraction(self.min_ssim, "min_ssim")
+        value = self.cost_tolerance
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise InvalidInputError(f"cost_tolerance must be in [0, 1), got {value!r}")
 
     def warmup_steps(self, steps: int) -> int:
         """Steps at the start that always compute, for ``steps`` inference steps."""
@@ -324,7 +331,8 @@ def search_block_caching(
     times) are bisected: a candidate passes when the worst profiling seed keeps
     ``config.min_ssim``. A pass rules out every costlier candidate; a failure rules out the
     candidates that recompute no more than it did (fidelity is not monotone in cost across
-    levels, so cheaper candidates with other recompute steps stay open). At most
+    levels, so cheaper candidates with other recompute steps stay open) and, with it, the
+    candidates estimated within ``config.cost_tolerance`` of it. At most
     ``config.max_trials`` are generated; the cheapest that passed is kept. The full model's
     images are ``reference``, else the profile's own final latents decoded (generated again
     only when the profile holds none). ``unet`` is left with the chosen schedule attached, or
@@ -367,7 +375,8 @@ def search_block_caching(
         index = open_[len(open_) // 2]
         if passes(index):
             best = index
-            open_ = [i for i in open_ if i < index]
+            limit = candidates[index].estimated_cost - config.cost_tolerance
+            open_ = [i for i in open_ if i < index and candidates[i].estimated_cost < limit]
         else:  # a schedule computing no more than a failed one fails too
             failed = candidates[index]
             open_ = [i for i in open_ if i != index and not _within(candidates[i], failed)]
