@@ -168,6 +168,7 @@ def build_results(
                 "passed": report.passed,
                 "hypotheses": report.summary["hypotheses"],
                 "fragment_used": not report.generation.used_fallback,
+                "attempts": report.summary["fragment"]["attempts"],
             }
         )
         print(
@@ -208,14 +209,23 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "## H1–H5 per prompt",
         "",
-        "| # | prompt | gate | H1 (SSIM, CLIP Δ, LPIPS) | H2 (memory reduction) | "
+        '`heads kept`: of the fragment used; "2nd" when a first fragment with pruned heads',
+        "failed the gate and this one, without head pruning, was extracted instead.",
+        "",
+        "| # | prompt | gate | heads kept | H1 (SSIM, CLIP Δ, LPIPS) | H2 (memory reduction) | "
         "H3 (reuse pass rate) | H4 (speed-up) | H5 (break-even variants) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, run in enumerate(runs):
         h = run["hypotheses"]
+        attempts = run.get("attempts") or []
+        heads = "?"
+        if attempts:
+            last = attempts[-1]
+            heads = f"{last['heads_kept']}/{last['heads_total']}"
+            heads += " (2nd)" if len(attempts) > 1 else ""
         lines.append(
-            f"| {i} | {run['prompt']} | {'pass' if run['passed'] else 'FAIL'} | "
+            f"| {i} | {run['prompt']} | {'pass' if run['passed'] else 'FAIL'} | {heads} | "
             f"{h['H1']['status']} ({_value(h['H1'], 'ssim')}, {_value(h['H1'], 'clip_delta')}, "
             f"{_value(h['H1'], 'lpips')}) | {h['H2']['status']} ({_value(h['H2'], 'reduction')})"
             f" | {h['H3']['status']} ({_value(h['H3'], 'pass_rate')}) | {h['H4']['status']} "

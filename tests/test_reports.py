@@ -334,3 +334,31 @@ def test_tensor_to_pil_rounds_to_uint8() -> None:
     assert pil[1].getpixel((3, 5)) == (255, 128, 0)
     with pytest.raises(InvalidInputError, match="shape"):
         tensor_to_pil(torch.rand(3, 8, 8))
+
+
+def test_results_page_says_which_fragment_was_used():
+    from fragjobs.results import render_markdown
+
+    hyp = {
+        name: {"status": "PASS", "name": name.lower(), "reason": None, "values": {}}
+        for name in ("H1", "H2", "H3", "H4", "H5")
+    }
+    attempt = {"key": "k1", "heads_kept": 60, "heads_total": 80, "passed": False}
+    run = {"prompt": "a red circle", "folder": "results/00", "key": "k2", "passed": True}
+    results = {
+        "model": "shapes",
+        "command": "fragjobs results --out docs",
+        "seconds": 1.0,
+        "machine": "test",
+        "runs": [
+            {**run, "hypotheses": hyp, "attempts": [attempt, {**attempt, "heads_kept": 80}]},
+            {**run, "prompt": "a blue box", "hypotheses": hyp, "attempts": [attempt]},
+        ],
+        "ablation": [
+            {"prompt": "a red circle", "heads_kept": "58/80", "own": 0.9, "other": 0.8}
+            | {"model_level": 0.85, "random": 0.7}
+        ],
+    }
+    page = render_markdown(results)
+    assert "| 0 | a red circle | pass | 80/80 (2nd) |" in page
+    assert "| 1 | a blue box | pass | 60/80 |" in page
