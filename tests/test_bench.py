@@ -89,3 +89,25 @@ def test_methods_combine_techniques_with_plus():
     everything = _extraction_config("all", 0.75, 0.9)
     assert everything.heads.threshold == 0.75 and everything.heads.min_ssim == 0.95
     assert _extraction_config("int8", 0.75, 0.9).caching is None
+
+
+def test_peak_rss_is_the_process_own_not_inherited_from_its_parent():
+    import subprocess
+    import sys
+
+    from fragjobs.generation.memory import peak_rss_bytes
+
+    ballast = b"\x01" * (1536 * 2**20)  # 1.5 GiB touched in this process
+    assert peak_rss_bytes() >= len(ballast)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fragjobs.generation.memory import peak_rss_bytes; print(peak_rss_bytes())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    del ballast
+    assert int(child.stdout.strip()) < 1024 * 2**20  # ru_maxrss would say >= 1.5 GiB here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -16,10 +17,24 @@ def process_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux ``ru_maxrss``)."""
-    import resource
+    """Peak resident set size of this process so far.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own
+    memory. Not ``ru_maxrss``, which a child inherits from the process that forked it (and
+    keeps across ``exec``): a probe started by a large benchmark process would report the
+    parent's peak. Elsewhere: ``ru_maxrss`` (kilobytes on Linux, bytes on macOS).
+    """
+    import resource
+    import sys
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def memory_report(full_unet: torch.nn.Module, fragment_unet: torch.nn.Module) -> dict[str, Any]:
