@@ -909,6 +909,9 @@ def run(
     return RunReport(out, ext.key, val.passed, summary, result)
 
 
+GATE_ATTEMPTS = 3  # fragments extracted at most for one run before it falls back
+
+
 def extract_and_validate(
     profile_id: str,
     config: ExtractionConfig,
@@ -918,55 +921,69 @@ def extract_and_validate(
     model: str | None = None,
     progress: bool = True,
 ) -> tuple[ExtractResult, ValidationResult, list[dict[str, Any]]]:
-    """Extract and validate; when the gate fails and heads were pruned, try once without.
+    """Extract and validate; when the gate fails, extract a more conservative fragment.
 
-    Head pruning is the edit whose loss the profiling seeds see least: on a trained model,
+    The profiling seeds decide the edits, the gate judges them on other seeds, and four
+    seeds cannot see everything. A fragment that fails the gate is followed by the next
+    rung of :func:`conservative_config`, at most :data:`GATE_ATTEMPTS` fragments in all —
+    first without head pruning (on a trained model,
     pruning a few heads can flip one unseen seed's layout while every profiling seed keeps
-    its SSIM, and its guard cannot catch that. So a fragment with pruned heads that fails the
-    gate is followed by one without head pruning (same low-rank, int8 and caching settings;
-    its schedule searched again on the unpruned UNet), validated on the same seeds against
-    the same full-model images. Both stay in the catalog (the first as ``failed_gate``).
+    its SSIM), then with a caching schedule held to half the SSIM loss — each validated on
+    the same seeds against the same full-model images (made once). Every attempt stays in
+    the catalog (the failed ones as ``failed_gate``).
 
     Returns:
         The last extraction and its validation, and one row per attempt
-        (``key``, ``heads_kept``, ``heads_total``, ``passed``, ``ssim``, ``extract_s``,
-        ``validate_s``).
+        (``key``, ``heads_kept``, ``heads_total``, ``caching_min_ssim``, ``passed``, ``ssim``,
+        ``clip_delta``, ``extract_s``, ``validate_s``).
     """
     ws = ws or workspace()
     attempts: list[dict[str, Any]] = []
     reference = None
-    for _attempt in range(2):
+    while True:
         started = time.perf_counter()
         ext = extract(profile_id, config, ws=ws, model=model)
         extracted = time.perf_counter()
         val = validate(ext.key, seeds=seeds, ws=ws, progress=progress, reference=reference)
-        pruning = ext.manifest.pruning
+        pruning, routing = ext.manifest.pruning, ext.manifest.dynamic_routing
         attempts.append(
             {
                 "key": ext.key,
                 "heads_kept": pruning.heads_kept,
                 "heads_total": pruning.heads_total,
+                "caching_min_ssim": routing.min_ssim if routing.enabled else None,
                 "passed": val.passed,
                 "ssim": val.metrics.ssim,
+                "clip_delta": val.metrics.clip_delta,
                 "extract_s": round(extracted - started, 4),
                 "validate_s": round(time.perf_counter() - extracted, 4),
             }
         )
-        if val.passed or pruning.heads_kept >= pruning.heads_total:
-            break
-        log.warning(
-            "fragment %s failed the gate with %d/%d heads; extracting again without head pruning",
-            ext.key,
-            pruning.heads_kept,
-            pruning.heads_total,
-        )
+        following = None if val.passed else conservative_config(config, ext.manifest)
+        if following is None or len(attempts) >= GATE_ATTEMPTS:
+            return ext, val, attempts
+        log.warning("fragment %s failed the gate; extracting a more conservative one", ext.key)
+        config, reference = following, val.full_images
+
+
+def conservative_config(
+    config: ExtractionConfig, manifest: FragmentManifest
+) -> ExtractionConfig | None:
+    """The next, more conservative config after ``manifest``'s fragment failed its gate.
+
+    Heads were pruned: the same without head pruning. Else a caching schedule is in use:
+    one that may lose half as much SSIM (``head_guard``: 0.9 → 0.95). Else None.
+    """
+    if manifest.pruning.heads_kept < manifest.pruning.heads_total:
         heads = config.heads
-        config = replace(
+        return replace(
             config,
             heads=HeadSelectionConfig(1.0, heads.min_heads_per_layer, heads.rank_margin),
         )
-        reference = val.full_images
-    return ext, val, attempts
+    caching = config.caching
+    if manifest.dynamic_routing.enabled and caching is not None and caching.min_ssim < 1.0:
+        return replace(config, caching=replace(caching, min_ssim=head_guard(caching.min_ssim)))
+    return None
 
 
 def _device_name(device: torch.device) -> str:
@@ -1075,6 +1092,7 @@ __all__ = [
     "apply_fragment_",
     "base",
     "extract",
+    "conservative_config",
     "extract_and_validate",
     "extraction_config",
     "generate",

@@ -142,10 +142,12 @@ def run(
     )
     hyp = report.summary["hypotheses"]
     for attempt in report.summary["fragment"]["attempts"][:-1]:
+        caching = attempt["caching_min_ssim"]
         click.echo(
-            f"fragment {attempt['key']}: gate FAILED with {attempt['heads_kept']}/"
-            f"{attempt['heads_total']} heads (ssim {attempt['ssim']:.3f}); "
-            "extracted again without head pruning"
+            f"fragment {attempt['key']}: gate FAILED (ssim {attempt['ssim']:.3f}) with "
+            f"{attempt['heads_kept']}/{attempt['heads_total']} heads"
+            + (f", caching kept ssim {caching}" if caching is not None else "")
+            + "; extracting a more conservative one"
         )
     click.echo(f"fragment {report.key}: gate {'passed' if report.passed else 'FAILED'}")
     for name in sorted(hyp):

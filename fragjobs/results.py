@@ -209,8 +209,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "## H1–H5 per prompt",
         "",
-        '`heads kept`: of the fragment used; "2nd" when a first fragment with pruned heads',
-        "failed the gate and this one, without head pruning, was extracted instead.",
+        "`heads kept`: of the last fragment validated; `(n)` when it is the n-th: earlier ones",
+        "failed the gate and a more conservative one was extracted (no head pruning, then a",
+        "caching schedule allowed half the SSIM loss).",
         "",
         "| # | prompt | gate | heads kept | H1 (SSIM, CLIP Δ, LPIPS) | H2 (memory reduction) | "
         "H3 (reuse pass rate) | H4 (speed-up) | H5 (break-even variants) |",
@@ -223,7 +224,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         if attempts:
             last = attempts[-1]
             heads = f"{last['heads_kept']}/{last['heads_total']}"
-            heads += " (2nd)" if len(attempts) > 1 else ""
+            heads += f" ({len(attempts)})" if len(attempts) > 1 else ""
         lines.append(
             f"| {i} | {run['prompt']} | {'pass' if run['passed'] else 'FAIL'} | {heads} | "
             f"{h['H1']['status']} ({_value(h['H1'], 'ssim')}, {_value(h['H1'], 'clip_delta')}, "

@@ -62,7 +62,9 @@ def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path):
     assert manifest["key"] == report.key
     assert manifest["verified"] == report.passed
     pruning = manifest["pruning"]
-    if len(attempts) > 1:  # pruned heads failed the gate: extracted again keeping them all
+    first = attempts[0]
+    if len(attempts) > 1 and first["heads_kept"] < first["heads_total"]:
+        # pruned heads failed the gate: extracted again keeping them all
         assert pruning["threshold"] == pruning["requested_threshold"] == 1.0
     elif pruning["heads_kept"] == pruning["heads_total"]:  # the guard kept them all: it shows why
         assert pruning["requested_threshold"] < 1.0 and pruning["threshold"] == 1.0
@@ -180,6 +182,30 @@ def test_failed_gate_with_pruned_heads_is_extracted_again_without(ws, tmp_path, 
         prof.profile_id, lossy, seeds=[5], ws=ws, progress=False
     )
     assert len(attempts) == 1 and not val.passed
+
+
+def test_failed_gate_with_caching_tightens_the_schedule_at_most_twice(ws, tmp_path, monkeypatch):
+    strict = tmp_path / "strict.yaml"
+    from importlib.resources import files
+
+    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
+    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))
+    monkeypatch.setattr(ws.settings, "thresholds_path", strict)
+    prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
+    config = chain.extraction_config(1.0, low_rank=False, int8=False, fidelity=0.9)
+    ext, val, attempts = chain.extract_and_validate(
+        prof.profile_id, config, seeds=[5], ws=ws, progress=False
+    )
+    assert attempts[0]["caching_min_ssim"] == 0.9 and not attempts[0]["passed"]
+    assert 1 < len(attempts) <= chain.GATE_ATTEMPTS
+    for earlier, later in zip(attempts, attempts[1:], strict=False):
+        assert not earlier["passed"] and earlier["heads_kept"] == earlier["heads_total"]
+        if later["caching_min_ssim"] is not None:  # each rung halves the SSIM it may lose
+            assert later["caching_min_ssim"] == chain.head_guard(earlier["caching_min_ssim"])
+    if len(attempts) == chain.GATE_ATTEMPTS and attempts[-1]["caching_min_ssim"] is not None:
+        assert not val.passed  # every rung failed: the run will fall back to the full model
+    assert ext.key == attempts[-1]["key"]
+    assert len({a["key"] for a in attempts}) == len(attempts)
 
 
 def test_validate_reference_must_match_the_seeds(ws):

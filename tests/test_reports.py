@@ -360,5 +360,5 @@ def test_results_page_says_which_fragment_was_used():
         ],
     }
     page = render_markdown(results)
-    assert "| 0 | a red circle | pass | 80/80 (2nd) |" in page
+    assert "| 0 | a red circle | pass | 80/80 (2) |" in page
     assert "| 1 | a blue box | pass | 60/80 |" in page
