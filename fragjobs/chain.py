@@ -920,6 +920,7 @@ def extract_and_validate(
     ws: Workspace | None = None,
     model: str | None = None,
     progress: bool = True,
+    validated: ValidationResult | None = None,
 ) -> tuple[ExtractResult, ValidationResult, list[dict[str, Any]]]:
     """Extract and validate; when the gate fails, extract a more conservative fragment.
 
@@ -930,7 +931,9 @@ def extract_and_validate(
     pruning a few heads can flip one unseen seed's layout while every profiling seed keeps
     its SSIM), then with a caching schedule held to half the SSIM loss — each validated on
     the same seeds against the same full-model images (made once). Every attempt stays in
-    the catalog (the failed ones as ``failed_gate``).
+    the catalog (the failed ones as ``failed_gate``). ``validated``: the validation of
+    ``config``'s fragment on ``seeds`` when it was made already (the farm's validate task):
+    its verdict and full-model images are used instead of validating it again.
 
     Returns:
         The last extraction and its validation, and one row per attempt
@@ -944,7 +947,10 @@ def extract_and_validate(
         started = time.perf_counter()
         ext = extract(profile_id, config, ws=ws, model=model)
         extracted = time.perf_counter()
-        val = validate(ext.key, seeds=seeds, ws=ws, progress=progress, reference=reference)
+        if validated is not None and not attempts and validated.key == ext.key:
+            val = validated
+        else:
+            val = validate(ext.key, seeds=seeds, ws=ws, progress=progress, reference=reference)
         pruning, routing = ext.manifest.pruning, ext.manifest.dynamic_routing
         attempts.append(
             {

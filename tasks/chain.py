@@ -176,11 +176,14 @@ def extract(
     """Extract the fragment of a stored profile (``upstream``: profile's result or its id).
 
     ``fidelity``: the SSIM against the full model the fragment keeps on the profiling seeds
-    (:func:`fragjobs.chain.extraction_config`).
+    (:func:`fragjobs.chain.extraction_config`). The result carries the knobs (``config``)
+    and ``model``, so that ``validate`` can extract a more conservative fragment if this one
+    fails its gate.
     """
     profile_id = validate_key(_field(upstream, "profile_id"))
     self.report_progress(0, 1, stage="extract", profile_id=profile_id)
-    config = chain.extraction_config(threshold, low_rank=low_rank, int8=int8, fidelity=fidelity)
+    knobs = {"threshold": threshold, "low_rank": low_rank, "int8": int8, "fidelity": fidelity}
+    config = chain.extraction_config(**knobs)
     with transient_failures():
         result = chain.extract(profile_id, config, ws=chain.workspace(), model=model)
     return {
@@ -188,6 +191,8 @@ def extract(
         "profile_id": profile_id,
         "storage_uri": result.storage_uri,
         "reused": result.reused,
+        "config": knobs,
+        "model": model,
         "worker": self.request.hostname,
     }
 
@@ -198,7 +203,12 @@ def validate(
 ) -> dict[str, Any]:
     """Gate a fragment against its full model (``upstream``: extract's result or the key).
 
-    A fragment that was validated already returns its recorded verdict. A fragment that
+    When ``upstream`` is extract's result (it carries ``profile_id`` and ``config``) and the
+    fragment fails, the core's ladder extracts more conservative fragments
+    (:func:`fragjobs.chain.extract_and_validate`, at most ``GATE_ATTEMPTS`` in all); the
+    result then names the last one (``key``) and lists every attempt (``attempts``).
+    A fragment that was validated already returns its recorded verdict (a redelivered task
+    whose first fragment failed does not climb the ladder again). A fragment that
     cannot be read (corrupt, manifest unreadable) does not fail the chain: the result says
     so (``status: corrupt``) and generation falls back to the full model. A fragment marked
     corrupt stays so (a node's warm cache may still hold good bytes, but the store does not):
@@ -216,20 +226,44 @@ def validate(
             latest_id = latest.id if latest is not None else None
             verdict = _verdict(self, key, row.status, False, latest_id, reused=True)
             return {**verdict, "error": f"fragment {key} is corrupt: {row.status_reason}"}
+        seeds = seeds if seeds is not None else list(chain.DEFAULT_VALIDATION_SEEDS)
+        attempts = None
         try:
-            chain.validate(
-                key,
-                seeds=seeds if seeds is not None else chain.DEFAULT_VALIDATION_SEEDS,
-                ws=ws,
-                progress=False,
-            )
+            val = chain.validate(key, seeds=seeds, ws=ws, progress=False)
+            ladder = _ladder(upstream)
+            if not val.passed and ladder is not None:
+                profile_id, config, model = ladder
+                ext, val, attempts = chain.extract_and_validate(
+                    profile_id,
+                    config,
+                    seeds=seeds,
+                    ws=ws,
+                    model=model,
+                    progress=False,
+                    validated=val,
+                )
+                key = ext.key
         except FragmentError as exc:
             log.warning("fragment %s cannot be validated: %s", key, exc)
             status = ws.catalog.get_fragment(key).status
             return {**_verdict(self, key, status, False, None, reused=False), "error": str(exc)}
         row = ws.catalog.get_fragment(key)
         latest = ws.catalog.latest_validation(key)
-    return _verdict(self, key, row.status, latest.passed, latest.id, reused=False)
+    verdict = _verdict(self, key, row.status, latest.passed, latest.id, reused=False)
+    return verdict if attempts is None else {**verdict, "attempts": attempts}
+
+
+def _ladder(upstream: dict[str, Any] | str) -> tuple[str, Any, str | None] | None:
+    """(profile id, extraction config, model) from extract's result, or None (a bare key)."""
+    if not isinstance(upstream, dict) or "profile_id" not in upstream or "config" not in upstream:
+        return None
+    knobs = upstream["config"]
+    if not isinstance(knobs, dict):
+        raise InvalidInputError(f"config must be extract's knobs (a dict), got {knobs!r}")
+    config = chain.extraction_config(
+        **{k: knobs[k] for k in ("threshold", "low_rank", "int8", "fidelity") if k in knobs}
+    )
+    return validate_key(upstream["profile_id"]), config, upstream.get("model")
 
 
 def _verdict(

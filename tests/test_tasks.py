@@ -157,6 +157,38 @@ def test_chain_tasks_pass_ids_and_validate_is_idempotent(tasks, ws):
         assert out["used_fallback"] and "failed_gate" in out["fallback_reason"]
 
 
+def test_validate_task_extracts_a_more_conservative_fragment_when_the_gate_fails(
+    tasks, settings, tmp_path, monkeypatch
+):
+    from importlib.resources import files
+
+    strict = tmp_path / "strict.yaml"
+    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
+    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))  # nothing lossy passes
+    monkeypatch.setattr(settings, "thresholds_path", strict)
+    ws = chain.workspace()
+    prof = tasks.profile.apply(args=(PROMPT,), kwargs={"model": "tiny-sd", "seeds": [0, 1]}).get()
+    ext = tasks.extract.apply(args=(prof,), kwargs={"threshold": 0.5, "model": "tiny-sd"}).get()
+    assert ext["config"] == {"threshold": 0.5, "low_rank": True, "int8": True, "fidelity": 0.9}
+    first = ws.catalog.get_fragment(ext["key"])
+    assert first.status == "building"
+    val = tasks.validate.apply(args=(ext,), kwargs={"seeds": [1000]}).get()
+    attempts = val["attempts"]
+    assert attempts[0]["key"] == ext["key"] and val["key"] == attempts[-1]["key"]
+    assert attempts[0]["heads_kept"] < attempts[0]["heads_total"]  # half the heads asked for
+    assert 2 <= len(attempts) <= chain.GATE_ATTEMPTS
+    assert attempts[1]["heads_kept"] == attempts[1]["heads_total"]  # first rung: no pruning
+    assert not val["passed"] and val["status"] == "failed_gate"
+    for attempt in attempts:
+        assert ws.catalog.get_fragment(attempt["key"]).status == "failed_gate"
+        # each fragment validated once: the first one's verdict was not made again
+        assert len(ws.catalog.lineage(attempt["key"])["validation_ids"]) == 1
+    again = tasks.validate.apply(args=(ext,)).get()  # redelivered: the recorded verdict
+    assert again["reused"] and again["key"] == ext["key"] and "attempts" not in again
+    bare = tasks.validate.apply(args=(attempts[-1]["key"],)).get()  # a bare key: no ladder
+    assert bare["reused"] and bare["key"] == attempts[-1]["key"]
+
+
 def _raise_catalog_error(cause: Exception):
     calls = []
 
