@@ -115,25 +115,15 @@ def bench_model(
     ``fragments_dir``: each fragment is saved there (``<method>/``); with ``memory``, each
     method's RSS is then measured in a process of its own (:mod:`fragjobs.bench_memory`).
     """
-    from fragjobs.base_models import load_base
     from fragjobs.bench_memory import measure
     from fragjobs.extraction import extract_fragment, save_fragment, weight_bytes
-    from fragjobs.generation import GenerationConfig, generate_images, with_unet
+    from fragjobs.generation import generate_images, with_unet
     from fragjobs.profiling import ProfileConfig, profile_prompt
     from fragjobs.validation import compute_quality
 
-    with tempfile.TemporaryDirectory() as data_dir:
-        loaded = load_base(model, settings=Settings(data_dir=Path(data_dir)))
+    loaded, gen = load_for_bench(model, size=size, steps=steps, batch_size=batch_size)
     pipe, info = loaded.pipe, loaded.info
-    height = width = size or info.height
-    steps = steps or info.default_steps
-    gen = GenerationConfig(
-        steps=steps,
-        guidance_scale=info.default_guidance,
-        height=height,
-        width=width,
-        batch_size=batch_size,
-    )
+    height, width, steps = gen.height, gen.width, gen.steps
     eval_seeds = list(range(100, 100 + (eval_seeds or batch_size)))
     started = time.perf_counter()
     prof = profile_prompt(
@@ -260,6 +250,31 @@ def bench_model(
         "profile_seeds": list(profile_seeds),
         "rows": rows,
     }
+
+
+def load_for_bench(
+    model: str, *, size: int | None, steps: int | None, batch_size: int
+) -> tuple[Any, Any]:
+    """The model (in a throwaway data folder) and the generation settings every method shares.
+
+    Square images of ``size`` (default: the model's own), ``steps`` (default: the model's),
+    the model's guidance scale.
+    """
+    from fragjobs.base_models import load_base
+    from fragjobs.generation import GenerationConfig
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        loaded = load_base(model, settings=Settings(data_dir=Path(data_dir)))
+    info = loaded.info
+    side = size or info.height
+    gen = GenerationConfig(
+        steps=steps or info.default_steps,
+        guidance_scale=info.default_guidance,
+        height=side,
+        width=side,
+        batch_size=batch_size,
+    )
+    return loaded, gen
 
 
 def _time_methods(rows, runners, prompt: str, gen: Any, repeats: int) -> None:

@@ -25,7 +25,6 @@ import gc
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +79,9 @@ def probe(
     import torch
     import transformers
 
-    from fragjobs.base_models import load_base
-    from fragjobs.config import Settings
+    from fragjobs.bench import load_for_bench, peer_pipeline
     from fragjobs.extraction import apply_fragment_to_unet_, load_fragment_folder, weight_bytes
-    from fragjobs.generation import GenerationConfig, generate_images
+    from fragjobs.generation import generate_images
     from fragjobs.generation.memory import peak_rss_bytes, process_rss_bytes
 
     # diffusers and transformers import lazily: load the classes a pipeline uses first, so that
@@ -92,25 +90,12 @@ def probe(
     _ = diffusers.AutoencoderKL, transformers.CLIPTextModel, transformers.CLIPTokenizer
     gc.collect()
     baseline = process_rss_bytes()
-    with tempfile.TemporaryDirectory() as data_dir:
-        loaded = load_base(model, settings=Settings(data_dir=Path(data_dir)))
-    pipe, info = loaded.pipe, loaded.info
+    loaded, gen = load_for_bench(model, size=size, steps=steps, batch_size=batch_size)
+    pipe = loaded.pipe
     if fragment_dir is not None:
-        apply_fragment_to_unet_(pipe.unet, load_fragment_folder(fragment_dir), info)
+        apply_fragment_to_unet_(pipe.unet, load_fragment_folder(fragment_dir), loaded.info)
         gc.collect()
-    side = size or info.height
-    gen = GenerationConfig(
-        steps=steps,
-        guidance_scale=info.default_guidance,
-        height=side,
-        width=side,
-        batch_size=batch_size,
-    )
-    switched = contextlib.nullcontext(pipe)
-    if peer is not None:
-        from fragjobs.bench import peer_pipeline
-
-        switched = peer_pipeline(pipe, peer)
+    switched = peer_pipeline(pipe, peer) if peer is not None else contextlib.nullcontext(pipe)
     with switched as run_pipe:
         generate_images(run_pipe, prompt, list(range(batch_size)), gen)
     gc.collect()

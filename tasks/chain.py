@@ -58,6 +58,8 @@ log = logging.getLogger("fragjobs.tasks")
 
 DEFAULT_MAX_ATTEMPTS = 3
 VALIDATED_STATUSES = ("ready", "failed_gate")
+# extract's knobs, returned in its result so that validate can rebuild the config
+EXTRACT_KNOBS = ("threshold", "low_rank", "int8", "fidelity")
 
 
 class TransientError(Exception):
@@ -260,9 +262,7 @@ def _ladder(upstream: dict[str, Any] | str) -> tuple[str, Any, str | None] | Non
     knobs = upstream["config"]
     if not isinstance(knobs, dict):
         raise InvalidInputError(f"config must be extract's knobs (a dict), got {knobs!r}")
-    config = chain.extraction_config(
-        **{k: knobs[k] for k in ("threshold", "low_rank", "int8", "fidelity") if k in knobs}
-    )
+    config = chain.extraction_config(**{k: knobs[k] for k in EXTRACT_KNOBS if k in knobs})
     return validate_key(upstream["profile_id"]), config, upstream.get("model")
 
 

@@ -39,6 +39,21 @@ def settings(tmp_path, monkeypatch) -> Settings:
 
 
 @pytest.fixture
+def gate_ssim_min(settings, tmp_path, monkeypatch):
+    """Sets the quality gate's ``ssim_min`` (a copy of thresholds.yaml, only that changed)."""
+    from importlib.resources import files
+
+    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
+    path = tmp_path / "gate.yaml"
+    monkeypatch.setattr(settings, "thresholds_path", path)
+
+    def set_ssim_min(value: float) -> None:
+        path.write_text(text.replace("ssim_min: 0.85", f"ssim_min: {value}"))
+
+    return set_ssim_min
+
+
+@pytest.fixture
 def ws(settings):
     """An embedded workspace (SQLite + local folder) of its own."""
     from fragjobs import chain

@@ -139,13 +139,8 @@ def test_flipped_byte_is_detected_and_generation_falls_back(ws, caplog):
     assert len(result.image_uris) == 2
 
 
-def test_failed_gate_fragment_is_not_used(ws, settings, tmp_path, monkeypatch):
-    strict = tmp_path / "strict.yaml"
-    from importlib.resources import files
-
-    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
-    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))
-    monkeypatch.setattr(ws.settings, "thresholds_path", strict)
+def test_failed_gate_fragment_is_not_used(ws, gate_ssim_min):
+    gate_ssim_min(1.0)
     val = _validated_fragment(ws, threshold=0.5)
     assert not val.passed
     assert ws.catalog.get_fragment(val.key).status == "failed_gate"
@@ -153,13 +148,8 @@ def test_failed_gate_fragment_is_not_used(ws, settings, tmp_path, monkeypatch):
     assert result.used_fallback and "failed_gate" in result.fallback_reason
 
 
-def test_failed_gate_with_pruned_heads_is_extracted_again_without(ws, tmp_path, monkeypatch):
-    strict = tmp_path / "strict.yaml"
-    from importlib.resources import files
-
-    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
-    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 0.999"))
-    monkeypatch.setattr(ws.settings, "thresholds_path", strict)
+def test_failed_gate_with_pruned_heads_is_extracted_again_without(ws, gate_ssim_min):
+    gate_ssim_min(0.999)
     prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
     config = chain.extraction_config(
         0.5, low_rank=False, int8=False, caching=False, head_guard_on=False
@@ -176,7 +166,7 @@ def test_failed_gate_with_pruned_heads_is_extracted_again_without(ws, tmp_path, 
     assert torch.equal(val.full_images, val.fragment_images)
 
     # a fragment without pruned heads that fails is not extracted again
-    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))
+    gate_ssim_min(1.0)
     lossy = chain.extraction_config(1.0, caching=False)  # int8: not the full model
     _, val, attempts = chain.extract_and_validate(
         prof.profile_id, lossy, seeds=[5], ws=ws, progress=False
@@ -184,13 +174,8 @@ def test_failed_gate_with_pruned_heads_is_extracted_again_without(ws, tmp_path, 
     assert len(attempts) == 1 and not val.passed
 
 
-def test_failed_gate_with_caching_tightens_the_schedule_at_most_twice(ws, tmp_path, monkeypatch):
-    strict = tmp_path / "strict.yaml"
-    from importlib.resources import files
-
-    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
-    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))
-    monkeypatch.setattr(ws.settings, "thresholds_path", strict)
+def test_failed_gate_with_caching_tightens_the_schedule_at_most_twice(ws, gate_ssim_min):
+    gate_ssim_min(1.0)
     prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
     config = chain.extraction_config(1.0, low_rank=False, int8=False, fidelity=0.9)
     ext, val, attempts = chain.extract_and_validate(

@@ -158,14 +158,9 @@ def test_chain_tasks_pass_ids_and_validate_is_idempotent(tasks, ws):
 
 
 def test_validate_task_extracts_a_more_conservative_fragment_when_the_gate_fails(
-    tasks, settings, tmp_path, monkeypatch
+    tasks, gate_ssim_min
 ):
-    from importlib.resources import files
-
-    strict = tmp_path / "strict.yaml"
-    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
-    strict.write_text(text.replace("ssim_min: 0.85", "ssim_min: 1.0"))  # nothing lossy passes
-    monkeypatch.setattr(settings, "thresholds_path", strict)
+    gate_ssim_min(1.0)  # nothing lossy passes
     ws = chain.workspace()
     prof = tasks.profile.apply(args=(PROMPT,), kwargs={"model": "tiny-sd", "seeds": [0, 1]}).get()
     ext = tasks.extract.apply(args=(prof,), kwargs={"threshold": 0.5, "model": "tiny-sd"}).get()
