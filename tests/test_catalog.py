@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 import fragjobs.catalog as catalog_module
+import fragjobs.catalog.fragments as fragments_module
 from fragjobs.catalog import (
     BaseModelEntity,
     Catalog,
@@ -221,7 +222,7 @@ def test_two_threads_creating_the_same_fragment_leave_one_row(
     # Both threads look the key up (and miss) before either inserts: the race is certain.
     barrier = threading.Barrier(2, timeout=20)
     state = threading.local()
-    find_fragment = catalog_module._find_fragment
+    find_fragment = fragments_module._find_fragment
 
     def racing_find(session: Session, key: str) -> FragmentRow | None:
         row = find_fragment(session, key)
@@ -230,7 +231,7 @@ def test_two_threads_creating_the_same_fragment_leave_one_row(
             barrier.wait()
         return row
 
-    monkeypatch.setattr(catalog_module, "_find_fragment", racing_find)
+    monkeypatch.setattr(fragments_module, "_find_fragment", racing_find)
 
     def create(_: int) -> tuple[int, bool]:
         fragment, created = catalog.create_fragment(KEY, "prof-1", model.id, "p", {}, "file:///f")
