@@ -124,3 +124,26 @@ def test_skipped_steps_do_not_run_the_block(tiny_pipe):
     assert len(calls) == 3
     with pytest.raises(InvalidInputError, match="unknown blocks"):
         apply_block_caching(unet, CachingSchedule(6, {"nope": (0,)}, 1.0, 0.5))
+
+
+def test_schedule_round_trips_through_the_manifest_layer():
+    from fragjobs.extraction import caching_schedule
+    from fragjobs.extraction.caching import routing_layer
+    from fragjobs.manifest import FragmentManifest
+
+    schedule = CachingSchedule(
+        6,
+        {"mid_block": (0, 2, 4), "up_blocks.0": (0, 1, 2, 3, 4, 5)},
+        0.25,
+        0.6,
+        shallow_delta=0.4,
+        warmup_steps=2,
+    )
+    config = BlockCachingConfig()
+    layer = routing_layer(schedule, [], config)
+    assert layer.enabled and layer.schedule == {"mid_block": [0, 2, 4], UP + ".0": list(range(6))}
+    manifest = FragmentManifest.model_construct(dynamic_routing=layer)
+    assert caching_schedule(manifest) == schedule
+    off = routing_layer(None, [{"delta": 0.1}], config)
+    assert not off.enabled and "SSIM >= 0.9" in off.reason
+    assert caching_schedule(FragmentManifest.model_construct(dynamic_routing=off)) is None

@@ -170,3 +170,114 @@ def test_head_guard_keeps_more_heads_until_the_profiling_seeds_keep_their_ssim(t
     loose = extract(0.01)  # the requested fraction passes at once
     assert loose.pruning.threshold == 0.5 and loose.pruning.heads_kept < loose.pruning.heads_total
     assert all(r["ssim_min"] >= 0.01 for r in loose.pruning.search)
+
+
+# -- each technique owns its config, its removal and its tensor format ----------------------
+
+
+def _tiny_linear_stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(96, 80), nn.GELU(), nn.Linear(80, 72, bias=False))
+
+
+def test_low_rank_and_int8_configs_reject_bad_values_with_what_to_do():
+    from fragjobs.extraction import LowRankConfig
+
+    for bad in ({"energy": 0.0}, {"energy": 1.5}, {"max_cost": -0.1}, {"min_features": 0}):
+        with pytest.raises(InvalidInputError):
+            LowRankConfig(**bad)
+    with pytest.raises(InvalidInputError, match="low_rank=None"):
+        LowRankConfig(patterns=())
+    with pytest.raises(InvalidInputError, match="tuple of patterns"):
+        LowRankConfig(patterns="*.ff.net.2")  # a bare string is not a tuple of patterns
+    with pytest.raises(InvalidInputError, match="min_params"):
+        Int8Config(min_params=0)
+    with pytest.raises(InvalidInputError, match="int8=None"):
+        Int8Config(patterns=())
+    with pytest.raises(InvalidInputError, match="non-empty strings"):
+        Int8Config(exclude=("conv_in", 3))
+
+
+def test_removing_low_rank_or_int8_refuses_and_says_to_reload_the_base():
+    from fragjobs.extraction import apply_low_rank_, remove_int8, remove_low_rank
+
+    model = _tiny_linear_stack()
+    remove_low_rank(model)  # nothing applied yet: nothing to refuse
+    remove_int8(model)
+    apply_low_rank_(model, {"0": 8})
+    with pytest.raises(IrreversibleChangeError, match="reload the base"):
+        remove_low_rank(model)
+    remove_int8(model)  # int8 was not applied
+    apply_int8_(model, {"2": quantize_weight(model[2].weight)})
+    with pytest.raises(IrreversibleChangeError, match="int8 .* cannot be undone"):
+        remove_int8(model)
+    with pytest.raises(IrreversibleChangeError, match="low-rank"):
+        remove_low_rank(model)
+
+
+def test_head_pruning_tensors_round_trip(tiny_pipe):
+    from fragjobs.extraction import head_pruning_tensors, load_head_pruning
+
+    names = sorted(attention_modules(tiny_pipe.unet))
+    plan = HeadPruningConfig(keep={names[0]: (0, 2), names[1]: (1,)})
+    tensors = head_pruning_tensors(plan)
+    assert set(tensors) == {f"pruning.{names[0]}.keep", f"pruning.{names[1]}.keep"}
+    assert all(t.dtype == torch.int64 for t in tensors.values())
+    other = {"int8.x.weight": torch.zeros(1, dtype=torch.int8)}  # another technique's tensor
+    assert load_head_pruning({**tensors, **other}).keep == plan.keep
+    pruned, replayed = copy.deepcopy(tiny_pipe.unet), copy.deepcopy(tiny_pipe.unet)
+    apply_head_pruning_(pruned, plan)
+    apply_head_pruning_(replayed, load_head_pruning(tensors))
+    assert torch.equal(_unet_out(pruned), _unet_out(replayed))
+
+
+def test_low_rank_tensors_round_trip_reproduces_the_factorised_model():
+    from fragjobs.extraction import (
+        LowRankConfig,
+        apply_low_rank_,
+        install_low_rank_,
+        load_low_rank_tensors,
+        low_rank_tensors,
+        plan_low_rank,
+    )
+
+    model, base = _tiny_linear_stack(), _tiny_linear_stack()
+    plan = plan_low_rank(model, LowRankConfig(energy=0.5, patterns=("*",), min_features=8))
+    assert set(plan) == {"0", "2"} and all(1 <= p["rank"] < 72 for p in plan.values())
+    tensors = low_rank_tensors(apply_low_rank_(model, {n: int(p["rank"]) for n, p in plan.items()}))
+    assert set(tensors) == {"low_rank.0.down", "low_rank.0.up", "low_rank.0.bias"} | {
+        "low_rank.2.down",
+        "low_rank.2.up",
+    }  # layer 2 has no bias
+    install_low_rank_(base, load_low_rank_tensors(tensors, plan))
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert torch.equal(base(x), model(x))
+    assert base[0].rank == plan["0"]["rank"]
+
+
+def test_int8_tensors_round_trip_reproduces_the_quantised_model():
+    from fragjobs.extraction import int8_tensors, load_int8_tensors, quantize_layers
+
+    model, base = _tiny_linear_stack(), _tiny_linear_stack()
+    precision = plan_int8(model, Int8Config(min_params=6000))
+    assert precision == {"0": "int8", "2": "float"}  # layer 2 holds 5760 weights
+    quantized = quantize_layers(model, precision)
+    apply_int8_(model, quantized)
+    tensors = int8_tensors(quantized)
+    assert set(tensors) == {"int8.0.weight", "int8.0.scale"}
+    assert tensors["int8.0.weight"].dtype == torch.int8
+    apply_int8_(base, load_int8_tensors(tensors, precision))
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert torch.equal(base(x), model(x))
+    assert isinstance(base[2], nn.Linear)  # float layers are left alone
+
+
+def test_generation_does_not_import_extraction():
+    import subprocess
+    import sys
+
+    code = "import sys, fragjobs.generation; print('fragjobs.extraction' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

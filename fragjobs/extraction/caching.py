@@ -19,7 +19,9 @@ move, sparse where they settle).
 The schedule is applied with diffusers hooks (``diffusers.hooks.HookRegistry``): a step
 counter on the UNet (it restarts when the timestep goes up, i.e. at a new generation) and one
 cache hook per block. Both are removable by name with :func:`remove_block_caching`; their
-state is reset between generations.
+state is reset between generations. Block caching stores no tensors: the schedule lives in the
+manifest's ``dynamic_routing`` layer (:func:`routing_layer` writes it, :func:`caching_schedule`
+reads it back).
 
 Example::
 
@@ -39,19 +41,29 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from fragjobs.errors import InvalidInputError
-from fragjobs.keys import check_fraction
+from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
+from fragjobs.keys import check_fraction, check_int
+from fragjobs.manifest import DynamicRoutingLayer, FragmentManifest
+from fragjobs.profiling import PromptProfile, unet_blocks
 
 STEP_COUNTER_HOOK = "fragjobs_step_counter"
 BLOCK_CACHE_HOOK = "fragjobs_block_cache"
 _BLOCK_NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)$|^mid_block$")
 
 
-def _positive(values: tuple, name: str, *, allow_none: bool = False) -> None:
+def _check_positive(values: tuple, name: str, *, allow_none: bool = False) -> None:
+    if not values:
+        raise InvalidInputError(f"{name} must not be empty; pass at least one budget")
     for v in values:
         if v is None and allow_none:
             continue
         if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
             raise InvalidInputError(f"{name} must be positive numbers, got {values!r}")
+
+
+def _check_below_one(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise InvalidInputError(f"{name} must be a fraction in [0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -81,20 +93,12 @@ class BlockCachingConfig:
     cost_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
-        if not self.deltas or not self.shallow_deltas:
-            raise InvalidInputError("deltas and shallow_deltas must not be empty")
-        _positive(self.deltas, "deltas")
-        _positive(self.shallow_deltas, "shallow_deltas", allow_none=True)
-        value = self.max_trials
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInputError(f"max_trials must be an integer >= 1, got {value!r}")
-        value = self.warmup
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-            raise InvalidInputError(f"warmup must be a fraction in [0, 1), got {value!r}")
+        _check_positive(self.deltas, "deltas")
+        _check_positive(self.shallow_deltas, "shallow_deltas", allow_none=True)
+        check_int(self.max_trials, "max_trials", minimum=1)
+        _check_below_one(self.warmup, "warmup")
         check_fraction(self.min_ssim, "min_ssim")
-        value = self.cost_tolerance
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-            raise InvalidInputError(f"cost_tolerance must be in [0, 1), got {value!r}")
+        _check_below_one(self.cost_tolerance, "cost_tolerance")
 
     def warmup_steps(self, steps: int) -> int:
         """Steps at the start that always compute, for ``steps`` inference steps."""
@@ -278,9 +282,11 @@ class BlockCacheHook(ModelHook):
 
 
 def apply_block_caching(unet: torch.nn.Module, schedule: CachingSchedule) -> None:
-    """Attach the schedule's hooks to ``unet`` (replacing any earlier block caching)."""
-    from fragjobs.profiling import unet_blocks
+    """Attach the schedule's hooks to ``unet`` (replacing any earlier block caching).
 
+    Raises:
+        InvalidInputError: the schedule names a block ``unet`` does not have.
+    """
     remove_block_caching(unet)
     blocks = unet_blocks(unet)
     unknown = sorted(set(schedule.recompute) - set(blocks))
@@ -298,9 +304,8 @@ def apply_block_caching(unet: torch.nn.Module, schedule: CachingSchedule) -> Non
 
 
 def remove_block_caching(unet: torch.nn.Module) -> None:
-    """Remove every block-caching hook (a no-op when none is attached)."""
-    from fragjobs.profiling import unet_blocks
-
+    """Remove every block-caching hook (a no-op when none is attached); the UNet computes
+    every block at every step again."""
     if hasattr(unet, "_diffusers_hook"):
         unet._diffusers_hook.remove_hook(STEP_COUNTER_HOOK, recurse=False)
     for block in unet_blocks(unet).values():
@@ -318,7 +323,7 @@ def reset_block_caching(unet: torch.nn.Module) -> None:
 def search_block_caching(
     pipe: Any,
     unet: torch.nn.Module,
-    profile: Any,
+    profile: PromptProfile,
     config: BlockCachingConfig,
     *,
     height: int,
@@ -342,8 +347,6 @@ def search_block_caching(
         ``(schedule or None, one row per candidate tried: delta, shallow_delta,
         estimated_cost, ssim_min, ssim_mean)``.
     """
-    from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
-
     gen = profiling_generation(profile, height, width)
     if reference is None:
         reference = reference_images(pipe, profile, height, width)
@@ -392,4 +395,45 @@ def _within(schedule: CachingSchedule, other: CachingSchedule) -> bool:
     return all(
         set(steps) <= set(other.recompute.get(block, ()))
         for block, steps in schedule.recompute.items()
+    )
+
+
+def routing_layer(
+    schedule: CachingSchedule | None,
+    search: list[dict[str, float | None]],
+    config: BlockCachingConfig,
+) -> DynamicRoutingLayer:
+    """The manifest's ``dynamic_routing`` layer for a search's result (disabled when None)."""
+    if schedule is None:
+        return DynamicRoutingLayer(
+            enabled=False,
+            min_ssim=config.min_ssim,
+            search=search,
+            reason=f"no candidate schedule kept SSIM >= {config.min_ssim} on the profiling seeds",
+        )
+    return DynamicRoutingLayer(
+        enabled=True,
+        steps=schedule.steps,
+        delta=schedule.delta,
+        shallow_delta=schedule.shallow_delta,
+        warmup_steps=schedule.warmup_steps,
+        schedule={b: list(s) for b, s in sorted(schedule.recompute.items())},
+        estimated_cost=schedule.estimated_cost,
+        min_ssim=config.min_ssim,
+        search=search,
+    )
+
+
+def caching_schedule(manifest: FragmentManifest) -> CachingSchedule | None:
+    """The block-caching schedule a manifest records, or None when it has none."""
+    routing = manifest.dynamic_routing
+    if not routing.enabled or not routing.schedule or routing.steps is None:
+        return None
+    return CachingSchedule(
+        steps=routing.steps,
+        recompute={b: tuple(s) for b, s in routing.schedule.items()},
+        delta=routing.delta or 0.0,
+        estimated_cost=routing.estimated_cost or 1.0,
+        shallow_delta=routing.shallow_delta,
+        warmup_steps=routing.warmup_steps or 1,
     )

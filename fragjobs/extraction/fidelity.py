@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 
+from fragjobs.generation import GenerationConfig, decode_latents, generate_images, with_unet
+from fragjobs.profiling import PromptProfile
+from fragjobs.validation import compute_quality
 
-def profiling_generation(profile: Any, height: int, width: int) -> Any:
+
+def profiling_generation(profile: PromptProfile, height: int, width: int) -> GenerationConfig:
     """The generation settings of the profiling run (all seeds in one batch)."""
-    from fragjobs.generation import GenerationConfig
-
     cfg = profile.config
     return GenerationConfig(
         steps=cfg.steps,
@@ -26,10 +28,8 @@ def profiling_generation(profile: Any, height: int, width: int) -> Any:
 
 
 @torch.no_grad()
-def reference_images(pipe: Any, profile: Any, height: int, width: int) -> torch.Tensor:
+def reference_images(pipe: Any, profile: PromptProfile, height: int, width: int) -> torch.Tensor:
     """The full model's images for the profiling seeds (regenerated if the profile has none)."""
-    from fragjobs.generation import decode_latents, generate_images
-
     seeds = list(profile.config.seeds)
     latents = getattr(profile, "final_latents", None)
     if latents is not None and latents.shape[0] == len(seeds):
@@ -41,12 +41,13 @@ def reference_images(pipe: Any, profile: Any, height: int, width: int) -> torch.
 
 @torch.no_grad()
 def seed_ssim(
-    pipe: Any, unet: torch.nn.Module, profile: Any, reference: torch.Tensor, gen: Any
+    pipe: Any,
+    unet: torch.nn.Module,
+    profile: PromptProfile,
+    reference: torch.Tensor,
+    gen: GenerationConfig,
 ) -> tuple[float, float]:
     """``(worst, mean)`` SSIM of ``unet``'s images against ``reference`` on the profiling seeds."""
-    from fragjobs.generation import generate_images, with_unet
-    from fragjobs.validation import compute_quality
-
     images = generate_images(with_unet(pipe, unet), profile.prompt, list(profile.config.seeds), gen)
     quality = compute_quality(reference, images, profile.prompt)
     return min(quality.ssim_per_image), quality.ssim

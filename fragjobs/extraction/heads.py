@@ -3,21 +3,37 @@
 Pruning slices the rows of ``to_q``/``to_k``/``to_v`` and the columns of ``to_out[0]`` that
 belong to removed heads and updates ``heads``/``inner_dim``, so the pruned UNet holds fewer
 parameters and does fewer FLOPs. It cannot be undone in place (the removed weights are gone):
-reload the base model instead.
+:func:`remove_head_pruning` refuses; reload the base model instead.
+
+In a fragment file each attention module of the plan stores its kept head indices as one
+int64 tensor named ``HEAD_PRUNING_TENSOR`` (``pruning.{module}.keep``).
+
+Example::
+
+    plan = plan_head_pruning(profile, HeadSelectionConfig(threshold=0.5))
+    apply_head_pruning_(unet, plan)
+    tensors = head_pruning_tensors(plan)          # replay: load_head_pruning(tensors)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from fragjobs.errors import InvalidInputError, IrreversibleChangeError
+from fragjobs.errors import InvalidInputError
+from fragjobs.extraction.edits import new_linear, record_edit, refuse_removal
+from fragjobs.extraction.fidelity import profiling_generation, seed_ssim
 from fragjobs.keys import check_fraction, check_int
+from fragjobs.manifest import PruningLayer
+from fragjobs.profiling import PromptProfile, attention_modules
 
 HEAD_PRUNING_EDIT = "fragjobs.head_pruning"
-_EDITS_ATTR = "_fragjobs_edits"
+HEAD_PRUNING_TENSOR = "pruning.{module}.keep"
+_TENSOR_PREFIX, _TENSOR_SUFFIX = HEAD_PRUNING_TENSOR.split("{module}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +71,10 @@ class HeadSelectionConfig:
 
 @dataclass(frozen=True)
 class HeadPruningConfig:
-    """Which heads each attention module keeps (module name → sorted head indices)."""
+    """The plan: which heads each attention module keeps (module name → sorted head indices).
+
+    ``reasons`` (per module: why each kept head was kept) is reported in the manifest only.
+    """
 
     keep: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reasons: dict[str, dict[str, list[int]]] = field(default_factory=dict)
@@ -100,6 +119,62 @@ def select_heads(
     return HeadPruningConfig(keep=keep, reasons=reasons)
 
 
+def plan_head_pruning(profile: PromptProfile, config: HeadSelectionConfig) -> HeadPruningConfig:
+    """The heads to keep by the profile's head scores and rank instability (no guard)."""
+    return select_heads(profile.head_scores(), profile.rank_std(), config)
+
+
+@torch.no_grad()
+def guard_head_selection(
+    pipe: Any,
+    profile: PromptProfile,
+    config: HeadSelectionConfig,
+    *,
+    reference: torch.Tensor,
+    height: int,
+    width: int,
+) -> tuple[HeadSelectionConfig, list[dict[str, float | None]]]:
+    """The fidelity guard: the smallest kept fraction whose pruned UNet keeps ``min_ssim``.
+
+    The fractions of :func:`guard_fractions` are bisected; each trial prunes a copy of
+    ``pipe.unet`` and compares its images with ``reference`` (the full model's) on every
+    profiling seed, the worst seed deciding. Keeping every head always passes.
+
+    Returns:
+        ``(config with the chosen threshold, one row per trial: threshold, heads_kept,
+        ssim_min, ssim_mean)``.
+
+    Raises:
+        InvalidInputError: ``config.min_ssim`` is None (the guard is off).
+    """
+    if config.min_ssim is None:
+        raise InvalidInputError("the head guard needs min_ssim; set it or skip the guard")
+    gen = profiling_generation(profile, height, width)
+    fractions = guard_fractions(config)
+    rows: list[dict[str, float | None]] = []
+    chosen, low, high = 1.0, 0, len(fractions) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        unet = copy.deepcopy(pipe.unet)
+        candidate = replace(config, threshold=fractions[middle])
+        report = apply_head_pruning_(unet, plan_head_pruning(profile, candidate))
+        worst, mean = seed_ssim(pipe, unet, profile, reference, gen)
+        del unet
+        rows.append(
+            {
+                "threshold": fractions[middle],
+                "heads_kept": report["heads_after"],
+                "ssim_min": round(worst, 6),
+                "ssim_mean": round(mean, 6),
+            }
+        )
+        if worst >= config.min_ssim:
+            chosen, high = fractions[middle], middle - 1
+        else:
+            low = middle + 1
+    return replace(config, threshold=chosen), rows
+
+
 def apply_head_pruning_(unet: nn.Module, config: HeadPruningConfig) -> dict[str, int]:
     """Physically remove the heads not kept by ``config``, in place.
 
@@ -109,8 +184,6 @@ def apply_head_pruning_(unet: nn.Module, config: HeadPruningConfig) -> dict[str,
     Raises:
         InvalidInputError: a module name is unknown or a head index is out of range.
     """
-    from fragjobs.profiling import attention_modules
-
     modules = attention_modules(unet)
     unknown = sorted(set(config.keep) - set(modules))
     if unknown:
@@ -133,12 +206,61 @@ def apply_head_pruning_(unet: nn.Module, config: HeadPruningConfig) -> dict[str,
 
 
 def remove_head_pruning(unet: nn.Module) -> None:
-    """Always raises: pruned weights are gone. Reload the base model to get them back."""
-    if HEAD_PRUNING_EDIT in getattr(unet, _EDITS_ATTR, ()):
-        raise IrreversibleChangeError(
-            "head pruning removed weights physically and cannot be undone; reload the base "
-            "model (fragjobs.load_base) to get the full UNet back"
-        )
+    """Refuse to undo head pruning: the pruned weights are gone (a no-op on an unpruned UNet).
+
+    Raises:
+        IrreversibleChangeError: ``unet`` was pruned; reload the base model instead.
+    """
+    refuse_removal(unet, HEAD_PRUNING_EDIT, "head pruning removed weights physically")
+
+
+def head_pruning_tensors(config: HeadPruningConfig) -> dict[str, torch.Tensor]:
+    """The fragment tensors of a plan: per module, its kept head indices (int64)."""
+    return {
+        HEAD_PRUNING_TENSOR.format(module=name): torch.tensor(kept, dtype=torch.int64)
+        for name, kept in config.keep.items()
+    }
+
+
+def load_head_pruning(tensors: dict[str, torch.Tensor]) -> HeadPruningConfig:
+    """The plan stored in a fragment's tensors (other techniques' tensors are ignored)."""
+    keep = {
+        name[len(_TENSOR_PREFIX) : -len(_TENSOR_SUFFIX)]: tuple(int(h) for h in tensor.tolist())
+        for name, tensor in tensors.items()
+        if name.startswith(_TENSOR_PREFIX) and name.endswith(_TENSOR_SUFFIX)
+    }
+    return HeadPruningConfig(keep=keep)
+
+
+def pruning_layer(
+    plan: HeadPruningConfig,
+    report: dict[str, int],
+    *,
+    requested: HeadSelectionConfig,
+    used: HeadSelectionConfig,
+    search: list[dict[str, float | None]],
+) -> PruningLayer:
+    """The manifest's pruning layer.
+
+    Args:
+        plan: the applied plan; ``report``: what :func:`apply_head_pruning_` returned for it.
+        requested: the selection asked for; ``used``: the one applied (the guard may have
+            raised its threshold); ``search``: the guard's trials.
+    """
+    return PruningLayer(
+        threshold=used.threshold,
+        min_heads_per_layer=used.min_heads_per_layer,
+        rank_margin=used.rank_margin,
+        requested_threshold=requested.threshold,
+        min_ssim=used.min_ssim,
+        search=search,
+        heads_total=report["heads_before"],
+        heads_kept=report["heads_after"],
+        keep={n: list(k) for n, k in plan.keep.items()},
+        reasons=plan.reasons,
+        params_before=report["params_before"],
+        params_after=report["params_after"],
+    )
 
 
 def _prune_attention(attn: nn.Module, kept: list[int]) -> None:
@@ -166,16 +288,3 @@ def _slice_linear(layer: nn.Linear, *, rows=None, cols=None) -> nn.Linear:
     if bias is not None:
         new.bias.data.copy_(bias)
     return new
-
-
-def new_linear(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
-    """An uninitialised Linear on ``like``'s device and dtype (draws nothing from the RNG)."""
-    layer = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=like.dtype)
-    return layer.to_empty(device=like.device)
-
-
-def record_edit(module: nn.Module, edit: str) -> None:
-    edits = list(getattr(module, _EDITS_ATTR, ()))
-    if edit not in edits:
-        edits.append(edit)
-    setattr(module, _EDITS_ATTR, tuple(edits))

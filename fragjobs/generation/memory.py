@@ -8,7 +8,11 @@ from typing import Any
 import psutil
 import torch
 
-from fragjobs.extraction import weight_bytes
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (int8 weights count one byte each)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def process_rss_bytes() -> int:
