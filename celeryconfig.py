@@ -2,7 +2,7 @@
 
 ``tasks.app`` loads this module (``app.config_from_object("celeryconfig")``). Nothing here is
 specific to one machine: every value comes from a ``FRAGJOBS_*`` variable through
-:class:`fragjobs.farm.FarmSettings` (``FRAGJOBS_BROKER_URL``, ``FRAGJOBS_RESULT_BACKEND`` —
+:class:`fragjobs.farm.settings.FarmSettings` (``FRAGJOBS_BROKER_URL``, ``FRAGJOBS_RESULT_BACKEND`` —
 default: the broker — and the farm-only ones):
 
 * ``FRAGJOBS_TASK_SOFT_TIME_LIMIT`` (seconds, default 3600): the task gets
@@ -14,12 +14,12 @@ default: the broker — and the farm-only ones):
 * ``FRAGJOBS_REVALIDATE_INTERVAL_S`` (default 86400; 0 = no schedule): celery beat sends
   ``fragjobs.revalidate`` this often;
 * ``FRAGJOBS_AFFINITY_TTL_S`` (default 3600): lifetime of a worker's warm-fragment
-  advertisement (:class:`fragjobs.farm.WarmRegistry`).
+  advertisement (:class:`fragjobs.farm.registry.WarmRegistry`).
 """
 
 from __future__ import annotations
 
-from fragjobs.farm import SHARED_QUEUE, FarmSettings
+from fragjobs.farm.settings import SHARED_QUEUE, FarmSettings
 
 _settings = FarmSettings()
 

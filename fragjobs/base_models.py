@@ -114,6 +114,19 @@ def load_base(
     return LoadedBase(pipe, info)
 
 
+def model_source(source: str, name: str) -> str:
+    """What :func:`load_base` takes to load a base again from its recorded ``source``.
+
+    ``builtin:NAME`` → ``NAME``, ``folder:/abs/path`` → the path, ``hub:ID`` → ``ID``;
+    anything else → ``name``. A folder's catalog name is only its last path part, so a chain
+    step that reloads a base must use this, not the name.
+    """
+    kind, _, where = (source or "").partition(":")
+    if kind in ("builtin", "folder", "hub") and where:
+        return where
+    return name
+
+
 def identify(pipe: Any, settings: Settings | None = None) -> BaseModelInfo:
     """The identity of a pipeline: the one recorded by ``load_base``, else its folder's hash.
 

@@ -18,6 +18,11 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_THRESHOLD = 0.75
+"""Fraction of attention heads a fragment keeps unless told otherwise."""
+DEFAULT_FIDELITY = 0.9
+"""SSIM against the full model a fragment keeps on its profiling seeds unless told otherwise."""
+
 
 class Settings(BaseSettings):
     """All fragjobs settings. Every field can be set as ``FRAGJOBS_<FIELD>``."""
@@ -41,6 +46,8 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
     default_model: str = "shapes"
+    default_threshold: float = Field(default=DEFAULT_THRESHOLD, gt=0, le=1)
+    default_fidelity: float = Field(default=DEFAULT_FIDELITY, gt=0, le=1)
     thresholds_path: Path | None = Field(
         default=None, description="thresholds.yaml for the quality gate; default: packaged."
     )

@@ -1,11 +1,10 @@
 """Catalog maintenance tasks: scheduled re-validation and a cheap status query (DESIGN §5).
 
-* ``fragjobs.revalidate`` — :func:`fragjobs.revalidate.revalidate` on the worker: re-hash
-  the stored objects of every ready fragment, re-run its quality gate, mark ``corrupt`` /
+* ``fragjobs.revalidate`` — :func:`fragjobs.chain.revalidate` on the worker: re-hash the
+  stored objects of every ready fragment, re-run its quality gate, mark ``corrupt`` /
   ``failed_gate``. celery beat sends it every ``FRAGJOBS_REVALIDATE_INTERVAL_S`` seconds
-  (``celeryconfig.beat_schedule``); the core's lock (PostgreSQL advisory lock, or a file
-  lock for SQLite) keeps two runs from overlapping, and a run that finds it taken returns
-  ``{"skipped": "..."}``.
+  (``celeryconfig.beat_schedule``); the core's lock keeps two runs from overlapping, and a
+  run that finds it taken returns ``{"skipped": "..."}``.
 * ``fragjobs.fragment_status`` — a fragment's catalog status (no model is loaded: the
   farm's cheapest round trip, used to measure dispatch latency).
 """
@@ -16,10 +15,8 @@ import time
 from typing import Any
 
 from fragjobs import chain
-from fragjobs import revalidate as revalidation
-from fragjobs.keys import validate_key
 from tasks.app import app
-from tasks.chain import ChainTask, transient_failures
+from tasks.policy import ChainTask, transient_failures
 
 
 @app.task(bind=True, base=ChainTask, name="fragjobs.revalidate")
@@ -31,7 +28,7 @@ def revalidate(
     PROGRESS is reported after each fragment (``{"step", "total", "key"}``).
     """
     with transient_failures():
-        report = revalidation.revalidate(
+        report = chain.revalidate(
             chain.workspace(),
             keys=keys,
             gate=gate,
@@ -48,13 +45,6 @@ def fragment_status(self: ChainTask, key: str) -> dict[str, Any]:
     same clock can measure how long the message took to reach a worker.
     """
     started = time.time()
-    key = validate_key(key)
     with transient_failures():
-        row = chain.workspace().catalog.get_fragment(key)
-    return {
-        "key": key,
-        "status": row.status,
-        "status_reason": row.status_reason,
-        "worker": self.request.hostname,
-        "checked_at": started,
-    }
+        result = chain.fragment_status_message(key, ws=chain.workspace())
+    return {**result, "worker": self.request.hostname, "checked_at": started}

@@ -10,7 +10,7 @@
 * ``worker_process_shutdown`` / ``worker_shutdown``: withdraw the advertisement.
 
 :func:`advertise_warm_fragments` (called by the generate task) publishes what the pool
-process holds warm (:class:`fragjobs.farm.WarmRegistry`).
+process holds warm (:class:`fragjobs.farm.registry.WarmRegistry`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from redis.exceptions import RedisError
 from fragjobs import chain
 from fragjobs.catalog import Catalog
 from fragjobs.errors import CatalogError
-from fragjobs.farm import SHARED_QUEUE, WarmRegistry
+from fragjobs.farm.registry import WarmRegistry
+from fragjobs.farm.settings import SHARED_QUEUE
 
 log = logging.getLogger("fragjobs.tasks")
 
@@ -68,8 +69,8 @@ def note_identity(sender: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def open_own_workspace(**_: Any) -> None:
-    """Drop workspaces inherited through fork: this process opens its own on first use."""
-    chain._WORKSPACES.clear()
+    """Forget what was inherited through fork: this process opens its own on first use."""
+    chain.reset_process_state()
     _registry.clear()
     withdraw_advertisement()
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fragjobs.bench import bench_model, markdown_table
+from fragjobs.bench.speed import bench_model
+from fragjobs.bench.speed_report import markdown_table
 
 
 def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
@@ -49,7 +50,7 @@ def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
 
 def test_memory_probe_replays_the_saved_fragment_in_its_own_process(tmp_path):
     from fragjobs.base_models import load_base
-    from fragjobs.bench_memory import measure
+    from fragjobs.bench.memory import measure
     from fragjobs.config import Settings
     from fragjobs.extraction import (
         ExtractionConfig,
@@ -80,7 +81,7 @@ def test_memory_probe_replays_the_saved_fragment_in_its_own_process(tmp_path):
 
 
 def test_methods_combine_techniques_with_plus():
-    from fragjobs.bench import _extraction_config
+    from fragjobs.bench.speed import _extraction_config
 
     config = _extraction_config("low_rank+int8+caching", 0.75, 0.95)
     assert config.heads.threshold == 1.0 and config.heads.min_ssim is None

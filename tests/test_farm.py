@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from fragjobs.client import AFFINITY_INSPECT_TIMEOUT_S, plan_batch_queues
 from fragjobs.errors import InvalidInputError
 from fragjobs.farm import (
     SHARED_QUEUE,
@@ -28,6 +27,7 @@ from fragjobs.farm import (
     flower_env,
     scratch_redis_database,
 )
+from fragjobs.farm.client import AFFINITY_INSPECT_TIMEOUT_S, plan_batch_queues
 from fragjobs.keys import make_fragment_key, sha256_hex
 
 PROMPT = "a red circle"
@@ -198,7 +198,9 @@ def test_a_pinned_job_sends_every_task_to_its_queue(farm):
     generates = group["kwargs"]["tasks"]
     steps = [extract, validate, *generates]
     assert [s["options"]["queue"] for s in steps] == ["gpu.a.cpu0"] * 4
-    assert extract["kwargs"]["fidelity"] == 0.9  # the extraction's quality knob travels too
+    assert (
+        extract["kwargs"]["knobs"]["fidelity"] == 0.9
+    )  # the extraction's quality knob travels too
 
 
 def test_fidelity_is_checked_before_anything_is_queued(farm):
@@ -211,7 +213,7 @@ def test_fidelity_is_checked_before_anything_is_queued(farm):
     message = json.loads(redis_client.lrange("gpu.a.cpu0", 0, -1)[0])
     _args, _kwargs, embed = json.loads(base64.b64decode(message["body"]))
     extract = embed["chain"][-1]
-    assert extract["task"] == "fragjobs.extract" and extract["kwargs"]["fidelity"] == 0.97
+    assert extract["task"] == "fragjobs.extract" and extract["kwargs"]["knobs"]["fidelity"] == 0.97
 
 
 def test_pipeline_batch_size_is_the_tasks_batch_size(farm):
@@ -275,15 +277,14 @@ def test_flower_gets_basic_auth_from_the_environment(monkeypatch):
     ],
 )
 def test_flower_never_starts_without_a_login(monkeypatch, user, password, message):
-    from fragjobs import farm
-    from fragjobs.cli import main
+    from fragjobs.cli import farm_commands, main
 
     for name, value in (("FRAGJOBS_FLOWER_USER", user), ("FRAGJOBS_FLOWER_PASSWORD", password)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    monkeypatch.setattr(farm.os, "execve", lambda *a: pytest.fail("flower started"))
+    monkeypatch.setattr(farm_commands.os, "execve", lambda *a: pytest.fail("flower started"))
     result = CliRunner().invoke(main, ["flower"])
     assert result.exit_code == 2 and message in result.output
 

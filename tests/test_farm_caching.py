@@ -18,6 +18,7 @@ import torch
 
 from fragjobs import chain
 from fragjobs.catalog import Catalog
+from fragjobs.chain import fragments
 from fragjobs.errors import FragmentIntegrityError
 from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object
 from fragjobs.storage import LocalStore, WarmCache
@@ -26,8 +27,8 @@ from fragjobs.storage import LocalStore, WarmCache
 @pytest.fixture(autouse=True)
 def _fresh_process_state(monkeypatch):
     """Each test starts as a fresh worker process: nothing cached in memory."""
-    monkeypatch.setattr(chain, "_WARM_CACHES", {})
-    monkeypatch.setattr(chain, "_FRAGMENT_UNETS", type(chain._FRAGMENT_UNETS)())
+    monkeypatch.setattr(chain.STATE, "warm_caches", {})
+    monkeypatch.setattr(chain.STATE, "fragment_unets", type(chain.STATE.fragment_unets)())
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_generation_keeps_the_fragment_unet_warm(local_ws, ready_fragment_templa
         loads.append(k)
         return original(k, ws)
 
-    monkeypatch.setattr(chain, "load_stored_fragment", counting_load)
+    monkeypatch.setattr(fragments, "load_stored_fragment", counting_load)
     prompt = ready_fragment_template.prompt
     first = chain.generate(
         prompt, seeds=[5, 6], model="tiny-sd", key=key, ws=local_ws, progress=False
@@ -114,7 +115,7 @@ def test_generation_keeps_the_fragment_unet_warm(local_ws, ready_fragment_templa
     assert first.fragment_key == second.fragment_key == key and not second.used_fallback
     torch.testing.assert_close(first.images, second.images)  # block-cache state was reset
 
-    chain._FRAGMENT_UNETS.clear()  # a freshly built UNet gives the same images
+    chain.STATE.fragment_unets.clear()  # a freshly built UNet gives the same images
     fresh = chain.generate(
         prompt, seeds=[5, 6], model="tiny-sd", key=key, ws=local_ws, progress=False
     )
@@ -132,8 +133,8 @@ def test_warm_unets_are_a_bounded_lru_keyed_by_the_stored_hashes(
         built.append(key)
         return fragment
 
-    monkeypatch.setattr(chain, "load_stored_fragment", fake_load)
-    monkeypatch.setattr(chain, "fragment_unet", lambda loaded, f: torch.nn.Identity())
+    monkeypatch.setattr(fragments, "load_stored_fragment", fake_load)
+    monkeypatch.setattr(fragments, "fragment_unet", lambda loaded, f: torch.nn.Identity())
     loaded = chain.base("tiny-sd", local_ws.settings)
     row = local_ws.catalog.get_fragment(ready_fragment_template.key)
     rows = {name: dataclasses.replace(row, key=name) for name in ("a", "b", "c")}

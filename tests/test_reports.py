@@ -337,7 +337,7 @@ def test_tensor_to_pil_rounds_to_uint8() -> None:
 
 
 def test_results_page_says_which_fragment_was_used():
-    from fragjobs.results import render_markdown
+    from fragjobs.bench.results import render_markdown
 
     hyp = {
         name: {"status": "PASS", "name": name.lower(), "reason": None, "values": {}}

@@ -1,4 +1,4 @@
-"""Tests of fragjobs.revalidate: re-hash stored objects, re-run the gate, one run at a time.
+"""Tests of fragjobs.chain.revalidation: re-hash stored objects, re-run the gate, one run at a time.
 
 Each test works on a copy of the session's ``ready_fragment_template`` (a ready tiny-sd
 fragment in an embedded workspace); the PostgreSQL lock test needs the server at
@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import fragjobs
 from fragjobs import chain
+from fragjobs.chain import revalidate, revalidation_lock
 from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object
-from fragjobs.revalidate import revalidate, revalidation_lock
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_cli_reports_and_exits_non_zero_when_a_fragment_was_marked(
     monkeypatch.setenv("FRAGJOBS_DATA_DIR", str(settings.data_dir))
     for var in ("FRAGJOBS_DATABASE_URL", "FRAGJOBS_STORAGE_URL", "FRAGJOBS_THRESHOLDS_PATH"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(chain, "_WORKSPACES", {})
+    monkeypatch.setattr(chain.STATE, "workspaces", {})
     get_settings.cache_clear()
     key = ready_fragment_template.key
     try:
@@ -181,6 +181,6 @@ def test_cli_reports_and_exits_non_zero_when_a_fragment_was_marked(
         invalid = CliRunner().invoke(main, ["revalidate", "--key", "Not/A/Key"])
         assert invalid.exit_code == 2 and "error: invalid key" in invalid.output
     finally:
-        for workspace in chain._WORKSPACES.values():
+        for workspace in chain.STATE.workspaces.values():
             workspace.close()
         get_settings.cache_clear()

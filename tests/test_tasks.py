@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from fragjobs import chain
+from fragjobs.chain import delivery
 from fragjobs.errors import (
     CatalogError,
     InvalidInputError,
@@ -111,7 +112,7 @@ def test_poison_job_is_given_up_after_max_attempts(tasks, ws, queued_job, monkey
     for _ in range(3):  # three deliveries that killed their worker
         ws.catalog.increment_job_attempts(queued_job.job_id)
     calls = []
-    monkeypatch.setattr(chain, "generate", _fake_generate(calls))
+    monkeypatch.setattr(delivery, "generate", _fake_generate(calls))
 
     out = _generate(tasks, queued_job.job_id).get()
     assert calls == []  # not run a fourth time
@@ -127,17 +128,18 @@ def test_attempt_limit_is_a_setting(tasks, ws, queued_job, monkeypatch):
 
     monkeypatch.setitem(app.conf, "fragjobs_max_task_attempts", 1)
     calls = []
-    monkeypatch.setattr(chain, "generate", _fake_generate(calls))
+    monkeypatch.setattr(delivery, "generate", _fake_generate(calls))
     assert _generate(tasks, queued_job.job_id).get()["error"] is None
     assert "delivered 2 times (limit 1" in _generate(tasks, queued_job.job_id).get()["error"]
     assert calls == [queued_job.job_id]
 
 
 def test_chain_tasks_pass_ids_and_validate_is_idempotent(tasks, ws):
-    cheap = {"model": "tiny-sd", "seeds": [0, 1], "steps": 4}
+    cheap = {"knobs": {"model": "tiny-sd", "profile_seeds": [0, 1], "steps": 4}}
     prof = tasks.profile.apply(args=(PROMPT,), kwargs=cheap).get()
     assert ws.catalog.get_profile(prof["profile_id"]).stats_uri == prof["stats_uri"]
-    ext = tasks.extract.apply(args=(prof,), kwargs={"threshold": 0.75, "model": "tiny-sd"}).get()
+    knobs = {"threshold": 0.75, "model": "tiny-sd"}
+    ext = tasks.extract.apply(args=(prof,), kwargs={"knobs": knobs}).get()
     assert ws.catalog.get_fragment(ext["key"]).profile_id == prof["profile_id"]
     val = tasks.validate.apply(args=(ext,), kwargs={"seeds": [1000, 1001]}).get()
     row = ws.catalog.get_fragment(ext["key"])
@@ -162,9 +164,12 @@ def test_validate_task_extracts_a_more_conservative_fragment_when_the_gate_fails
 ):
     gate_ssim_min(1.0)  # nothing lossy passes
     ws = chain.workspace()
-    prof = tasks.profile.apply(args=(PROMPT,), kwargs={"model": "tiny-sd", "seeds": [0, 1]}).get()
-    ext = tasks.extract.apply(args=(prof,), kwargs={"threshold": 0.5, "model": "tiny-sd"}).get()
-    assert ext["config"] == {"threshold": 0.5, "low_rank": True, "int8": True, "fidelity": 0.9}
+    knobs = {"model": "tiny-sd", "profile_seeds": [0, 1]}
+    prof = tasks.profile.apply(args=(PROMPT,), kwargs={"knobs": knobs}).get()
+    ext = tasks.extract.apply(args=(prof,), kwargs={"knobs": {**knobs, "threshold": 0.5}}).get()
+    extraction = {k: ext["knobs"][k] for k in ("threshold", "low_rank", "int8", "caching")}
+    assert extraction == {"threshold": 0.5, "low_rank": True, "int8": True, "caching": True}
+    assert ext["knobs"]["fidelity"] == 0.9
     first = ws.catalog.get_fragment(ext["key"])
     assert first.status == "building"
     val = tasks.validate.apply(args=(ext,), kwargs={"seeds": [1000]}).get()
@@ -196,8 +201,8 @@ def _raise_catalog_error(cause: Exception):
 
 def test_lost_database_connection_is_retried_then_reported(tasks, monkeypatch):
     fail, calls = _raise_catalog_error(OperationalError("SELECT 1", {}, ConnectionError("gone")))
-    monkeypatch.setattr(chain, "profile", fail)
-    result = tasks.profile.apply(args=(PROMPT,), kwargs={"model": "tiny-sd"})
+    monkeypatch.setattr(delivery, "profile", fail)
+    result = tasks.profile.apply(args=(PROMPT,), kwargs={"knobs": {"model": "tiny-sd"}})
     assert result.state == "FAILURE"
     assert isinstance(result.result, tasks.TransientError)
     assert len(calls) == 1 + tasks.profile.max_retries
@@ -205,8 +210,8 @@ def test_lost_database_connection_is_retried_then_reported(tasks, monkeypatch):
 
 def test_permanent_catalog_error_is_not_retried(tasks, monkeypatch):
     fail, calls = _raise_catalog_error(IntegrityError("INSERT", {}, ValueError("duplicate")))
-    monkeypatch.setattr(chain, "profile", fail)
-    result = tasks.profile.apply(args=(PROMPT,), kwargs={"model": "tiny-sd"})
+    monkeypatch.setattr(delivery, "profile", fail)
+    result = tasks.profile.apply(args=(PROMPT,), kwargs={"knobs": {"model": "tiny-sd"}})
     assert result.state == "FAILURE" and type(result.result) is CatalogError
     assert len(calls) == 1
 
@@ -244,9 +249,9 @@ def test_worker_starts_on_the_embedded_catalog(settings):
 def test_pool_process_opens_its_own_workspace(monkeypatch):
     from tasks import worker
 
-    monkeypatch.setattr(chain, "_WORKSPACES", {("inherited", "from parent"): object()})
+    monkeypatch.setattr(chain.STATE, "workspaces", {("inherited", "from parent"): object()})
     worker.open_own_workspace(sender=None)
-    assert chain._WORKSPACES == {}
+    assert chain.STATE.workspaces == {}
 
 
 # -- Farm.submit -------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ def test_valid_spec_queues_the_chain_in_one_message(farm):
     job = farm.submit(PROMPT, variants=6, model="tiny-sd", batch_size=4)
     assert job.reused_fragment is None and len(job.job_ids) == 2
     [(name, args, kwargs, argsrepr)] = _queued(client)  # the rest travels in the message
-    assert name == "fragjobs.profile" and args == [PROMPT] and kwargs == {"model": "tiny-sd"}
+    assert name == "fragjobs.profile" and args == [PROMPT] and kwargs["knobs"]["model"] == "tiny-sd"
     assert PROMPT in argsrepr
     progress = job.progress()
     assert progress["state"] == "PENDING" and progress["images_total"] == 6
@@ -402,10 +407,10 @@ def test_cpu_workers_see_no_gpu():
 def test_farm_start_rejects_bad_flags_before_starting_anything(args, monkeypatch):
     from click.testing import CliRunner
 
-    from fragjobs import farm
     from fragjobs.cli import main
+    from fragjobs.farm import launcher
 
-    monkeypatch.setattr(farm, "run_workers", lambda *a, **k: pytest.fail("workers started"))
+    monkeypatch.setattr(launcher, "run_workers", lambda *a, **k: pytest.fail("workers started"))
     result = CliRunner().invoke(main, ["farm", "start", *args])
     assert result.exit_code == 2 and "Error:" in result.output
 
@@ -432,8 +437,8 @@ def ready_ws(settings, ready_fragment_template, monkeypatch):
     from collections import OrderedDict
 
     ready_fragment_template.copy_to(settings.data_dir)
-    monkeypatch.setattr(chain, "_WORKSPACES", {})
-    monkeypatch.setattr(chain, "_FRAGMENT_UNETS", OrderedDict())
+    monkeypatch.setattr(chain.STATE, "workspaces", {})
+    monkeypatch.setattr(chain.STATE, "fragment_unets", OrderedDict())
     workspace = chain.workspace()
     yield workspace
     workspace.close()
@@ -472,8 +477,8 @@ def catalog_tasks(tasks):
 def test_revalidate_task_marks_corrupt_and_reports_progress(
     catalog_tasks, ready_ws, ready_fragment_template
 ):
+    from fragjobs.chain import revalidation_lock
     from fragjobs.keys import FRAGMENT_FILE, fragment_object
-    from fragjobs.revalidate import revalidation_lock
 
     key = ready_fragment_template.key
     ready_ws.store.put_bytes(fragment_object("tiny-sd", key, FRAGMENT_FILE), b"broken")

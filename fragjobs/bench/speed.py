@@ -16,7 +16,7 @@ times every method once, so a shared machine's drift hits all alike):
 For each: per-image latency, speed-up vs full, SSIM and PSNR of its images against the full
 model's at the same seeds, UNet weight bytes, CUDA peak memory on a GPU, and the RSS held and
 peak RSS of a fresh process that loads only that method and makes one batch
-(:mod:`fragjobs.bench_memory`; each fragment is saved under ``--out/fragments/<model>/``).
+(:mod:`fragjobs.bench.memory`; each fragment is saved under ``--out/fragments/<model>/``).
 Break-even of each fragment (H5) = (profile + extract + validate seconds) / (full − fragment
 seconds per image), with profiling on the chain's four seeds and validation as ``fragjobs
 validate`` does it (full model and fragment on the evaluation seeds). Writes JSON, a markdown
@@ -32,15 +32,16 @@ import gc
 import json
 import platform
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fragjobs.config import Settings
+from fragjobs.bench.loading import load_for_bench, peer_pipeline
+from fragjobs.bench.memory import measure
+from fragjobs.bench.speed_report import markdown_table, plot
 
 TECHNIQUES = ("heads", "low_rank", "int8", "caching", "all")
 PEERS = ("deepcache_3", "deepcache_5", "tome_0.5")
@@ -69,29 +70,6 @@ def _extraction_config(technique: str, threshold: float, fidelity: float):
     )
 
 
-@contextlib.contextmanager
-def peer_pipeline(pipe: Any, name: str) -> Iterator[Any]:
-    """The base pipeline with a peer method switched on, switched off afterwards."""
-    if name.startswith("deepcache"):
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=int(name.split("_")[1]), cache_branch_id=0)
-        helper.enable()
-        try:
-            yield pipe
-        finally:
-            helper.disable()
-    else:
-        import tomesd
-
-        tomesd.apply_patch(pipe, ratio=float(name.split("_")[1]))
-        try:
-            yield pipe
-        finally:
-            tomesd.remove_patch(pipe)
-
-
 def bench_model(
     model: str,
     *,
@@ -113,9 +91,8 @@ def bench_model(
     """Every method on one model; returns ``{"model", ..., "rows": [...]}``.
 
     ``fragments_dir``: each fragment is saved there (``<method>/``); with ``memory``, each
-    method's RSS is then measured in a process of its own (:mod:`fragjobs.bench_memory`).
+    method's RSS is then measured in a process of its own (:mod:`fragjobs.bench.memory`).
     """
-    from fragjobs.bench_memory import measure
     from fragjobs.extraction import extract_fragment, save_fragment, weight_bytes
     from fragjobs.generation import generate_images, with_unet
     from fragjobs.profiling import ProfileConfig, profile_prompt
@@ -252,31 +229,6 @@ def bench_model(
     }
 
 
-def load_for_bench(
-    model: str, *, size: int | None, steps: int | None, batch_size: int
-) -> tuple[Any, Any]:
-    """The model (in a throwaway data folder) and the generation settings every method shares.
-
-    Square images of ``size`` (default: the model's own), ``steps`` (default: the model's),
-    the model's guidance scale.
-    """
-    from fragjobs.base_models import load_base
-    from fragjobs.generation import GenerationConfig
-
-    with tempfile.TemporaryDirectory() as data_dir:
-        loaded = load_base(model, settings=Settings(data_dir=Path(data_dir)))
-    info = loaded.info
-    side = size or info.height
-    gen = GenerationConfig(
-        steps=steps or info.default_steps,
-        guidance_scale=info.default_guidance,
-        height=side,
-        width=side,
-        batch_size=batch_size,
-    )
-    return loaded, gen
-
-
 def _time_methods(rows, runners, prompt: str, gen: Any, repeats: int) -> None:
     """Warm median per-image latency of each row's method, timed in interleaved rounds.
 
@@ -311,52 +263,6 @@ def _time_methods(rows, runners, prompt: str, gen: Any, repeats: int) -> None:
                 timings[name].append((time.perf_counter() - started) * 1000 / gen.batch_size)
     for row in rows:
         row["latency_ms"] = round(statistics.median(timings[row["method"]]), 2)
-
-
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One markdown table for all models."""
-    cols = [
-        "method",
-        "latency_ms",
-        "speedup",
-        "ssim",
-        "ssim_min",
-        "psnr_db",
-        "bytes_ratio",
-        "rss_held_mib",
-        "rss_peak_mib",
-        "cuda_peak_mib",
-        "break_even_variants",
-    ]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for result in results:
-        label = f"{result['model']} {result['size']}px {result['steps']} steps"
-        for row in result["rows"]:
-            cells = [
-                str(row.get(c, row.get("unavailable", "")) if c == "latency_ms" else row.get(c, ""))
-                for c in cols
-            ]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Speed-up vs SSIM, one marker per method, one panel per model."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5 * len(results), 4))
-    for i, result in enumerate(results):
-        ax = fig.add_subplot(1, len(results), i + 1)
-        for row in result["rows"]:
-            if "speedup" in row:
-                ax.scatter(row["ssim"], row["speedup"])
-                ax.annotate(row["method"], (row["ssim"], row["speedup"]), fontsize=8)
-        ax.set_xlabel("SSIM vs full model")
-        ax.set_ylabel("speed-up vs full model")
-        ax.set_title(f"{result['model']} {result['size']}px, {result['steps']} steps")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +335,3 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.out / "bench.png")
     print(f"\nmachine: {machine}; median of {args.repeats}, warm\n{table}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

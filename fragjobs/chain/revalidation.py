@@ -26,17 +26,17 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import click
-
+from fragjobs.catalog import FragmentEntity
+from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS
+from fragjobs.chain.locks import revalidation_lock
+from fragjobs.chain.validate_step import validate
+from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import (
     CatalogError,
     FragjobsError,
@@ -46,21 +46,10 @@ from fragjobs.errors import (
     ObjectNotFoundError,
 )
 from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object, validate_key
+from fragjobs.manifest import FragmentManifest
 from fragjobs.storage import ObjectStore
 
-if TYPE_CHECKING:
-    from fragjobs.catalog import FragmentEntity
-    from fragjobs.chain import Workspace
-
-try:
-    import fcntl
-except ImportError:  # Windows: the SQLite lock is not available
-    fcntl = None
-
 log = logging.getLogger("fragjobs")
-
-LOCK_ID = int.from_bytes(hashlib.sha256(b"fragjobs.revalidate").digest()[:8], "big", signed=True)
-"""The PostgreSQL advisory lock key of re-validation (a signed 64-bit integer)."""
 
 CHECKED_STATUSES = ("ready", "corrupt", "failed_gate")
 """Statuses a fragment named explicitly (``keys``) may have to be checked."""
@@ -129,9 +118,7 @@ def revalidate(
         CatalogError: the catalog is unreachable.
         InvalidKeyError: a malformed key in ``keys``.
     """
-    from fragjobs import chain
-
-    ws = ws or chain.workspace()
+    ws = ws or workspace()
     wanted = [validate_key(k) for k in keys] if keys is not None else None
     started = time.perf_counter()
     with revalidation_lock(ws) as acquired:
@@ -153,9 +140,6 @@ def revalidate(
 
 
 def _check_fragment(ws: Workspace, row: FragmentEntity, *, gate: bool) -> FragmentCheck:
-    from fragjobs import chain
-    from fragjobs.manifest import FragmentManifest
-
     if row.status not in CHECKED_STATUSES:
         return FragmentCheck(
             row.key, row.status, False, None, None, f"not checked: status is {row.status}"
@@ -173,7 +157,7 @@ def _check_fragment(ws: Workspace, row: FragmentEntity, *, gate: bool) -> Fragme
         return FragmentCheck(row.key, row.status, True, None, None, row.status_reason)
     seeds = _stored_seeds(ws, row, manifest)
     try:
-        result = chain.validate(row.key, seeds=seeds, ws=ws, progress=False)
+        result = validate(row.key, seeds=seeds, ws=ws, progress=False)
     except CatalogError:
         raise
     except FragjobsError as exc:
@@ -227,121 +211,9 @@ def _verified_hash(
 
 def _stored_seeds(ws: Workspace, row: FragmentEntity, manifest: Any) -> list[int]:
     """The seeds the fragment was validated on: its manifest's, else its last validation's."""
-    from fragjobs.chain import DEFAULT_VALIDATION_SEEDS
-
     if manifest.quality is not None and manifest.quality.seeds:
         return list(manifest.quality.seeds)
     latest = ws.catalog.latest_validation(row.key)
     if latest is not None and latest.metrics.get("seeds"):
         return list(latest.metrics["seeds"])
     return list(DEFAULT_VALIDATION_SEEDS)
-
-
-@contextlib.contextmanager
-def revalidation_lock(ws: Workspace) -> Iterator[bool]:
-    """Hold the re-validation lock of ``ws``'s catalog; yield whether it was acquired.
-
-    Never waits: a lock held by another run yields False. PostgreSQL: advisory lock
-    :data:`LOCK_ID` on a connection of its own. SQLite: ``flock`` on
-    ``<catalog file>.revalidate.lock``. Any other database: ``flock`` on
-    ``<data dir>/revalidate.lock`` (this machine only).
-
-    Raises:
-        CatalogError: the PostgreSQL server cannot be reached.
-    """
-    from sqlalchemy.engine import make_url
-
-    url = make_url(ws.catalog.url)
-    if url.get_backend_name() == "postgresql":
-        with _advisory_lock(ws.catalog.url) as acquired:
-            yield acquired
-        return
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        path = Path(url.database).expanduser()
-        lock_path = path.with_name(path.name + ".revalidate.lock")
-    else:
-        lock_path = ws.settings.data_dir / "revalidate.lock"
-    with _file_lock(lock_path) as acquired:
-        yield acquired
-
-
-@contextlib.contextmanager
-def _advisory_lock(url: str) -> Iterator[bool]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import SQLAlchemyError
-    from sqlalchemy.pool import NullPool
-
-    from fragjobs.catalog import mask_url
-
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        try:
-            connection = engine.connect()
-            acquired = bool(
-                connection.execute(
-                    text("SELECT pg_try_advisory_lock(:id)"), {"id": LOCK_ID}
-                ).scalar()
-            )
-            connection.commit()  # the lock is the session's, not the transaction's
-        except SQLAlchemyError as exc:
-            raise CatalogError(
-                f"cannot take the re-validation lock on {mask_url(url)}: {exc}"
-            ) from exc
-        try:
-            yield acquired
-        finally:
-            with contextlib.suppress(SQLAlchemyError):
-                if acquired:
-                    connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": LOCK_ID})
-                    connection.commit()
-            connection.close()  # ends the session, which releases the lock in any case
-    finally:
-        engine.dispose()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[bool]:
-    if fcntl is None:
-        log.warning("no file locks on this platform: re-validation runs are not serialised")
-        yield True
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@click.command("revalidate")
-@click.option("--key", "keys", multiple=True, help="Only this fragment (repeatable).")
-@click.option("--no-gate", is_flag=True, help="Only re-hash the stored objects.")
-def revalidate_command(keys: tuple[str, ...], no_gate: bool) -> None:
-    """Re-hash every ready fragment's stored objects and re-run its quality gate.
-
-    Fragments whose objects do not match the catalog are marked corrupt, those that fail the
-    gate failed_gate. Exit status: 0 every checked fragment is ready, 1 some were marked,
-    3 another re-validation of this catalog is running (nothing was done).
-    """
-    from fragjobs.cli import _fail_cleanly
-
-    report = _fail_cleanly(revalidate)(keys=list(keys) or None, gate=not no_gate)
-    if report.skipped:
-        click.echo(f"skipped: {report.skipped}", err=True)
-        raise SystemExit(3)
-    for check in report.checks:
-        gate = {True: "gate passed", False: "gate FAILED", None: "gate not run"}[check.gate_passed]
-        objects = "objects ok" if check.objects_ok else "objects BAD"
-        line = f"{check.key}  {check.status:<11} {objects}  {gate}"
-        click.echo(line + (f"  ({check.reason})" if check.reason else ""))
-    click.echo(
-        f"{len(report.checks)} fragment(s) checked in {report.elapsed_s:.1f} s, "
-        f"{len(report.marked)} not ready",
-        err=True,
-    )
-    raise SystemExit(1 if report.marked else 0)

@@ -1,4 +1,4 @@
-"""Farm benchmark: ``python -m fragjobs.bench_farm`` (DESIGN §5, §7).
+"""Farm benchmark: ``python -m fragjobs.bench.farm`` (DESIGN §5, §7).
 
 Measured in one run on this machine, ratios printed next to the issue's targets:
 
@@ -14,11 +14,12 @@ Measured in one run on this machine, ratios printed next to the issue's targets:
    ``send_task`` to the worker starting it (same clock), and the full round trip to the
    result; medians over ``--repeats``. Target: ≤ 50 ms.
 3. **fragment load** (:func:`fragjobs.chain.load_stored_fragment`: catalog row, manifest,
-   file, hashes, parse) from a local folder, from S3 (moto's standalone server over HTTP,
-   in a process of its own) with a cold node cache, and from the warm node cache; medians over
-   ``--load-repeats``. Targets: S3 / local ≤ 1.5, warm cache / local ≈ 1.0. The tiny-sd
-   fragment is about 1 MB, so its S3 time is mostly per-request overhead; the same three
-   reads of a ``--blob-mib`` object (sha256 checked) show the size-bound case.
+   file, hashes, parse; :mod:`fragjobs.bench.fragment_loads`) from a local folder, from S3
+   (moto's standalone server over HTTP, in a process of its own) with a cold node cache, and
+   from the warm node cache; medians over ``--load-repeats``. Targets: S3 / local ≤ 1.5,
+   warm cache / local ≈ 1.0. The tiny-sd fragment is about 1 MB, so its S3 time is mostly
+   per-request overhead; the same three reads of a ``--blob-mib`` object (sha256 checked)
+   show the size-bound case.
 
 Needs the Redis server (``--redis-host``/``--redis-port``; an empty database is claimed and
 flushed afterwards) and moto[server] for 3. Every process, folder and database it makes is
@@ -34,31 +35,22 @@ import os
 import platform
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fragjobs.config import Settings
+from fragjobs.bench.fragment_loads import fragment_loads
+from fragjobs.bench.loading import embedded_settings
+from fragjobs.bench.timing import median_ms
 from fragjobs.farm import farm_env, scratch_redis_database
 
 TARGETS = {"farm_ratio": 1.10, "dispatch_ms": 50.0, "s3_ratio": 1.5, "warm_ratio": 1.0}
 _WARM_UP_PROMPT = "a grey background"
-
-
-def _embedded(data_dir: Path, **overrides: Any) -> Settings:
-    unset = dict.fromkeys(("database_url", "storage_url", "cache_dir", "thresholds_path"))
-    return Settings(data_dir=data_dir, **{**unset, **overrides})
-
-
-def _median_ms(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1000, 3)
 
 
 @contextlib.contextmanager
@@ -105,7 +97,7 @@ class InProcess:
         from fragjobs import chain
 
         self.chain, self.model, self.variants, self.batch_size = chain, model, variants, batch_size
-        self.ws = chain.Workspace.open(_embedded(data_dir))
+        self.ws = chain.Workspace.open(embedded_settings(data_dir))
 
     def warm_up(self) -> None:
         """Load the model (a throwaway generation)."""
@@ -166,7 +158,7 @@ class OnTheFarm:
                 "TRANSFORMERS_VERBOSITY": "error",
             }
         )
-        settings = _embedded(data_dir, broker_url=broker_url, result_backend=broker_url)
+        settings = embedded_settings(data_dir, broker_url=broker_url, result_backend=broker_url)
         log_path = data_dir.parent / "worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         launcher = stack.enter_context(one_worker(env, log_path))
@@ -199,131 +191,7 @@ class OnTheFarm:
             if attempt >= 3:  # the first ones open connections
                 dispatch.append(out["checked_at"] - sent)
                 round_trip.append(done - sent)
-        return _median_ms(dispatch), _median_ms(round_trip)
-
-
-def _timed(call: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None):
-    samples = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's standalone S3 server in a process of its own (killed afterwards); its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto's server did not start (pip install 'moto[server]')")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def fragment_loads(data_dir: Path, key: str, repeats: int, blob_mib: int) -> dict[str, float]:
-    """Median ms of fragment loads and of a ``blob_mib`` object read: local, S3, warm cache."""
-    credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-    saved = {name: os.environ.get(name) for name in credentials}
-    os.environ.update(credentials)
-    try:
-        with moto_server() as endpoint:
-            return _measure_loads(data_dir, key, repeats, blob_mib, endpoint)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _measure_loads(
-    data_dir: Path, key: str, repeats: int, blob_mib: int, endpoint: str
-) -> dict[str, float]:
-    import boto3
-
-    from fragjobs import chain
-    from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object
-    from fragjobs.storage import S3Store, WarmCache
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-    store = S3Store("s3://bench/farm", endpoint_url=endpoint, region="us-east-1")
-    local = chain.Workspace.open(_embedded(data_dir))
-    remote = chain.Workspace(local.settings, local.catalog, store)
-    caches = data_dir.parent / "node-caches"
-    try:
-        for filename in (MANIFEST_FILE, FRAGMENT_FILE):
-            name = fragment_object(key.split("_", 1)[0], key, filename)
-            store.put_bytes(name, local.store.get_bytes(name))
-
-        def new_node_cache() -> None:  # a cold node: an empty cache folder of its own
-            chain._WARM_CACHES.clear()
-            folder = caches / uuid.uuid4().hex
-            remote.settings = local.settings.model_copy(update={"cache_dir": folder})
-
-        def load_local() -> Any:
-            return chain.load_stored_fragment(key, local)
-
-        def load_remote() -> Any:
-            return chain.load_stored_fragment(key, remote)
-
-        load_local()  # warm the catalog connection and the page cache
-        local_ms = _median_ms(_timed(load_local, repeats))
-        cold_ms = _median_ms(_timed(load_remote, repeats, before=new_node_cache))
-        new_node_cache()
-        load_remote()
-        warm_ms = _median_ms(_timed(load_remote, repeats))
-
-        blob = os.urandom(blob_mib * 2**20)
-        stored = local.store.put_bytes("bench/blob.bin", blob)
-        store.put_bytes("bench/blob.bin", blob)
-        del blob
-        warm_cache = WarmCache(caches / "blob", 2 * stored.size)
-
-        def read_local() -> Any:
-            return local.store.get_bytes(stored.name, expected_sha256=stored.sha256)
-
-        def read_cold() -> Any:
-            cache = WarmCache(caches / uuid.uuid4().hex, 2 * stored.size)
-            return cache.get_bytes(store, stored.name, stored.sha256)
-
-        def read_warm() -> Any:
-            return warm_cache.get_bytes(store, stored.name, stored.sha256)
-
-        read_local()
-        read_warm()
-        blob_repeats = max(3, repeats // 5)
-        return {
-            "local_ms": local_ms,
-            "s3_ms": cold_ms,
-            "warm_ms": warm_ms,
-            "bytes": local.catalog.get_fragment(key).size_bytes,
-            "blob_bytes": stored.size,
-            "blob_local_ms": _median_ms(_timed(read_local, blob_repeats)),
-            "blob_s3_ms": _median_ms(_timed(read_cold, blob_repeats)),
-            "blob_warm_ms": _median_ms(_timed(read_warm, blob_repeats)),
-        }
-    finally:
-        chain._WARM_CACHES.clear()
-        local.close()
+        return median_ms(dispatch), median_ms(round_trip)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -430,7 +298,7 @@ def report(figures: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line, run the benchmark, print (and optionally save) the figures."""
-    parser = argparse.ArgumentParser(prog="python -m fragjobs.bench_farm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fragjobs.bench.farm", description=__doc__)
     parser.add_argument("--prompt", default="a red circle")
     parser.add_argument("--model", default="tiny-sd")
     parser.add_argument("--variants", type=int, default=8)

@@ -1,4 +1,4 @@
-"""Fragment lookup: exact key → same prompt → similar prompt → miss.
+"""The fragment library's lookup: exact key → same prompt → similar prompt → miss.
 
 The catalog is the index; the store holds the bytes. A lookup never returns a fragment that
 is not ``ready`` (built and passed its gate); the caller falls back to the full model then.
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from fragjobs.catalog import Catalog, FragmentEntity
 from fragjobs.keys import normalise_prompt, validate_key
 from fragjobs.manifest import FragmentManifest
+
+if TYPE_CHECKING:
+    import torch
 
 READY = "ready"
 
@@ -60,7 +62,7 @@ def lookup_similar(
         reuse = read_manifest(row).reuse
         if reuse.prompt_embedding is None:
             continue
-        stored = torch.tensor(reuse.prompt_embedding, dtype=torch.float32)
+        stored = embedding.new_tensor(reuse.prompt_embedding)
         if stored.shape != embedding.shape:
             continue
         similarity = float(stored @ embedding / (stored.norm() * embedding.norm()).clamp_min(1e-12))

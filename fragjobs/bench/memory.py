@@ -1,6 +1,6 @@
 """Memory one benchmark method holds, measured in a process of its own.
 
-``python -m fragjobs.bench_memory --model M [--fragment DIR | --peer NAME]`` loads the base
+``python -m fragjobs.bench.memory --model M [--fragment DIR | --peer NAME]`` loads the base
 pipeline, replays the fragment saved in ``DIR`` on its UNet in place (or switches a peer on),
 generates one batch and prints one JSON object:
 
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fragjobs.bench.loading import load_for_bench, peer_pipeline
 from fragjobs.errors import FragjobsError
 
 PROBE_TIMEOUT_S = 1800
@@ -49,7 +50,7 @@ def measure(
     Raises:
         FragjobsError: the probe failed (its stderr's last lines are in the message).
     """
-    cmd = [sys.executable, "-m", "fragjobs.bench_memory", "--model", model, "--prompt", prompt]
+    cmd = [sys.executable, "-m", "fragjobs.bench.memory", "--model", model, "--prompt", prompt]
     cmd += ["--steps", str(steps), "--batch-size", str(batch_size)]
     if size is not None:
         cmd += ["--size", str(size)]
@@ -79,7 +80,6 @@ def probe(
     import torch
     import transformers
 
-    from fragjobs.bench import load_for_bench, peer_pipeline
     from fragjobs.extraction import apply_fragment_to_unet_, load_fragment_folder, weight_bytes
     from fragjobs.generation import generate_images
     from fragjobs.generation.memory import peak_rss_bytes, process_rss_bytes
@@ -113,7 +113,7 @@ def probe(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fragjobs.bench_memory", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fragjobs.bench.memory", description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--steps", type=int, required=True)

@@ -1,0 +1,5 @@
+"""``python -m fragjobs.bench``: the speed benchmark (:mod:`fragjobs.bench.speed`)."""
+
+from fragjobs.bench.speed import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m fragjobs.cli``: the ``fragjobs`` command."""
+
+from fragjobs.cli import main
+
+main()

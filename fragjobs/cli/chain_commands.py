@@ -1,0 +1,232 @@
+"""The chain's commands: ``run``, ``profile``, ``extract``, ``validate``, ``generate``.
+
+Every command checks its input first (prompt, knobs, output folder) and only then imports
+the chain, which loads torch and diffusers: a bad input is refused at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fragjobs.cli.options import (
+    check_out_dir,
+    fail_cleanly,
+    knob_options,
+    knobs_from_options,
+    parse_seeds,
+)
+from fragjobs.keys import normalise_prompt
+
+DEFAULT_OUT_DIR = "fragjobs-out"
+
+
+@click.command()
+@click.argument("prompt")
+@knob_options
+@click.option("--out", "out_dir", default=DEFAULT_OUT_DIR, show_default=True, type=click.Path())
+@click.option("--batch-size", default=4, show_default=True, type=int, help="Images per call.")
+@click.option(
+    "--farm",
+    "use_farm",
+    is_flag=True,
+    help="Submit the chain to the Celery farm (FRAGJOBS_BROKER_URL); see `fragjobs farm run`.",
+)
+@fail_cleanly
+def run(prompt, out_dir, batch_size, use_farm, **options):
+    """Profile, extract, validate and generate PROMPT; write a report to --out."""
+    normalise_prompt(prompt)
+    knobs = knobs_from_options(options, batch_size=batch_size)
+    out = check_out_dir(Path(out_dir))
+    if use_farm:
+        from fragjobs.cli.farm_commands import run_on_farm
+
+        run_on_farm(prompt, knobs, out=out)
+        return
+
+    from fragjobs.chain.run_chain import run as run_chain
+
+    report = run_chain(prompt, knobs, out_dir=out)
+    hyp = report.summary["hypotheses"]
+    for attempt in report.summary["fragment"]["attempts"][:-1]:
+        caching = attempt["caching_min_ssim"]
+        click.echo(
+            f"fragment {attempt['key']}: gate FAILED (ssim {attempt['ssim']:.3f}) with "
+            f"{attempt['heads_kept']}/{attempt['heads_total']} heads"
+            + (f", caching kept ssim {caching}" if caching is not None else "")
+            + "; extracting a more conservative one"
+        )
+    click.echo(f"fragment {report.key}: gate {'passed' if report.passed else 'FAILED'}")
+    for name in sorted(hyp):
+        click.echo(f"  {name} {hyp[name]['status']:<11} {hyp[name]['name']}")
+    if report.generation.used_fallback:
+        click.echo(f"  generated with the full model: {report.generation.fallback_reason}")
+    click.echo(f"report written to {report.out_dir}")
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", default=None)
+@click.option("--seeds", default="0,1,2,3", show_default=True, help="Comma-separated seeds.")
+@click.option("--steps", default=None, type=int, help="Inference steps (model default).")
+@click.option(
+    "--step-stride",
+    default=2,
+    show_default=True,
+    type=int,
+    help="Record head statistics every N-th step.",
+)
+@fail_cleanly
+def profile(prompt, model, seeds, steps, step_stride):
+    """Profile PROMPT; print the profile id."""
+    normalise_prompt(prompt)
+    seed_list = parse_seeds(seeds)
+    from fragjobs import chain
+
+    result = chain.profile(
+        prompt, model=model, seeds=seed_list, steps=steps, step_stride=step_stride
+    )
+    click.echo(result.profile_id)
+
+
+@click.command()
+@click.argument("profile_id")
+@click.option(
+    "--threshold",
+    default=None,
+    type=float,
+    help="Fraction of attention heads kept, in (0, 1] [FRAGJOBS_DEFAULT_THRESHOLD: 0.75].",
+)
+@click.option("--min-heads", default=1, show_default=True, type=int)
+@click.option("--no-low-rank", is_flag=True)
+@click.option("--no-int8", is_flag=True)
+@click.option("--no-caching", is_flag=True)
+@click.option("--fidelity", default=None, type=float, help="[FRAGJOBS_DEFAULT_FIDELITY: 0.9]")
+@fail_cleanly
+def extract(profile_id, threshold, min_heads, no_low_rank, no_int8, no_caching, fidelity):
+    """Extract the fragment of PROFILE_ID; print its key."""
+    from fragjobs.chain.knobs import ChainKnobs
+    from fragjobs.keys import validate_key
+
+    validate_key(profile_id)
+    knobs = ChainKnobs.from_settings(
+        threshold=threshold,
+        min_heads_per_layer=min_heads,
+        low_rank=not no_low_rank,
+        int8=not no_int8,
+        caching=not no_caching,
+        fidelity=fidelity,
+    )
+    from fragjobs import chain
+
+    click.echo(chain.extract(profile_id, knobs.extraction_config()).key)
+
+
+@click.command()
+@click.argument("key")
+@click.option("--seeds", default="1000,1001,1002,1003", show_default=True)
+@fail_cleanly
+def validate(key, seeds):
+    """Validate fragment KEY against its full model; exit 1 if the gate fails."""
+    from fragjobs.keys import validate_key
+
+    validate_key(key)
+    seed_list = parse_seeds(seeds)
+    from fragjobs import chain
+
+    result = chain.validate(key, seeds=seed_list)
+    for check in result.gate.checks:
+        click.echo(
+            f"  {check.name:<12} {check.status:<11} value={check.value} "
+            f"limit {check.op} {check.limit}" + (f" ({check.reason})" if check.reason else "")
+        )
+    click.echo(f"{key}: {'passed' if result.passed else 'FAILED'}")
+    sys.exit(0 if result.passed else 1)
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--variants", default=4, show_default=True, type=int)
+@click.option("--seeds", default=None, help="Comma-separated seeds (instead of --variants).")
+@click.option("--model", default=None)
+@click.option("--key", default=None, help="Fragment key (default: the prompt's ready fragment).")
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--out", "out_dir", default=None, type=click.Path(), help="Also copy PNGs here.")
+@fail_cleanly
+def generate(prompt, variants, seeds, model, key, batch_size, out_dir):
+    """Generate seed variants of PROMPT (fragment if ready, else the full model)."""
+    normalise_prompt(prompt)
+    seed_list = parse_seeds(seeds)
+    folder = check_out_dir(Path(out_dir)) if out_dir else None
+    from fragjobs import chain
+    from fragjobs.reports import tensor_to_pil
+
+    result = chain.generate(
+        prompt,
+        variants=variants,
+        seeds=seed_list,
+        model=model,
+        key=key,
+        batch_size=batch_size,
+        ws=chain.workspace(),
+    )
+    if result.used_fallback:
+        click.echo(f"full model used: {result.fallback_reason}", err=True)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for seed, image in zip(result.seeds, result.images, strict=True):
+            tensor_to_pil(image[None])[0].save(folder / f"{seed}.png")
+    click.echo(
+        json.dumps(
+            {
+                "job_id": result.job_id,
+                "fragment_key": result.fragment_key,
+                "images": result.image_uris,
+            },
+            indent=2,
+        )
+    )
+
+
+@click.command("eval-model")
+@click.option("--seeds", default=4, show_default=True, type=int)
+@click.option("--steps", default=20, show_default=True, type=int)
+@click.option("--limit", default=None, type=int, help="Only the first N held-out scenes.")
+@click.option("--json-out", default=None, type=click.Path(), help="Also write the report here.")
+@fail_cleanly
+def eval_model(seeds, steps, limit, json_out):
+    """Read held-out prompts drawn by the shapes model back with its CLIP; print accuracy."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from fragjobs.base_models import load_base
+    from fragjobs.builtin.evaluate import evaluate_model
+
+    loaded = load_base("shapes")
+    clip = CLIPModel.from_pretrained(loaded.info.clip_path).eval()
+    processor = CLIPProcessor.from_pretrained(loaded.info.clip_path)
+    report = evaluate_model(loaded.pipe, clip, processor, seeds=seeds, steps=steps, limit=limit)
+    text = json.dumps(report, indent=2)
+    if json_out:
+        Path(json_out).write_text(text)
+    click.echo(text)
+
+
+@click.command()
+@click.option("--out", "out_dir", default="docs", show_default=True, type=click.Path())
+@click.option("--model", default="shapes", show_default=True)
+@fail_cleanly
+def results(out_dir, model):
+    """Write the results page (H1–H5 over 10 prompts + profile ablation) to OUT/results.md."""
+    out = check_out_dir(Path(out_dir))
+    from fragjobs.bench.results import build_results
+
+    build_results(out, model=model)
+    click.echo(f"written {out / 'results.md'}")
+
+
+COMMANDS = [run, profile, extract, validate, generate, eval_model, results]
+
+__all__ = ["COMMANDS"]

@@ -1,0 +1,50 @@
+"""The farm side of the core: the only part of ``fragjobs`` that talks to Celery and Redis.
+
+* :mod:`~fragjobs.farm.settings` — :class:`FarmSettings` (``FRAGJOBS_*``) and queue names;
+* :mod:`~fragjobs.farm.client` — :class:`Farm`: submit the chain, follow it, wait for it;
+* :mod:`~fragjobs.farm.launcher` — one node's workers, one per GPU (``fragjobs farm start``);
+* :mod:`~fragjobs.farm.registry` — the warm-fragment registry behind fragment affinity;
+* :mod:`~fragjobs.farm.flower` — Flower with a login.
+
+Celery, kombu and redis are imported only where they are used, so the launcher and the
+commands that only read settings stay fast. The Celery app and its tasks are in ``tasks/``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "FarmSettings": "fragjobs.farm.settings",
+    "SHARED_QUEUE": "fragjobs.farm.settings",
+    "Farm": "fragjobs.farm.client",
+    "FarmJob": "fragjobs.farm.client",
+    "FarmResult": "fragjobs.farm.client",
+    "plan_batch_queues": "fragjobs.farm.client",
+    "AFFINITY_INSPECT_TIMEOUT_S": "fragjobs.farm.client",
+    "WorkerSpec": "fragjobs.farm.launcher",
+    "default_node": "fragjobs.farm.launcher",
+    "parse_gpus": "fragjobs.farm.launcher",
+    "worker_specs": "fragjobs.farm.launcher",
+    "worker_command": "fragjobs.farm.launcher",
+    "worker_env": "fragjobs.farm.launcher",
+    "farm_env": "fragjobs.farm.launcher",
+    "run_workers": "fragjobs.farm.launcher",
+    "project_root": "fragjobs.farm.launcher",
+    "make_celeryconfig_importable": "fragjobs.farm.launcher",
+    "WarmRegistry": "fragjobs.farm.registry",
+    "WarmWorker": "fragjobs.farm.registry",
+    "WARM_KEY_PREFIX": "fragjobs.farm.registry",
+    "scratch_redis_database": "fragjobs.farm.registry",
+    "flower_command": "fragjobs.farm.flower",
+    "flower_env": "fragjobs.farm.flower",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fragjobs.farm' has no attribute {name!r}")

@@ -1,0 +1,490 @@
+"""Submit the chain to the farm, watch its progress, wait for its images (DESIGN §5).
+
+Example::
+
+    from fragjobs.client import Farm
+
+    with Farm() as farm:                      # broker, catalog, store: FRAGJOBS_* variables
+        job = farm.submit("a red circle on the left", variants=32)
+        job.progress()     # {"state": "PROGRESS", "images_done": 8, "images_total": 32, ...}
+        result = job.wait(timeout=600)
+        result.image_uris, result.fragment_key, result.job_ids, result.lineage
+
+The canvas is a plain Celery chain whose last element is a group::
+
+    profile | extract | validate | group(generate(seeds 0-3), generate(seeds 4-7), ...)
+
+Each generate batch receives validate's result (``{"key", "passed", ...}``) as its first
+argument, so the fan-out needs no chord (and no chord-unlock polling); ``wait`` collects the
+batches by their task ids, which are assigned here before anything is sent. When the catalog
+already has a ready fragment for the prompt on this model, only the group is sent.
+
+Routing: every task goes to the shared queue ``gpu`` unless ``queue=`` pins the whole job to
+one queue (``gpu.<node>.<i>``: one worker). When only the group is sent, fragment affinity
+applies (``affinity=True``): the workers that advertise the fragment warm
+(:class:`fragjobs.farm.registry.WarmRegistry`) and reply to ``inspect`` with no running task and an
+empty own queue each get one batch on their own queue (:func:`plan_batch_queues`); the other
+batches go to the shared queue, where any worker loads the fragment from the store. A batch
+sent to a worker's own queue waits for that worker: its pool replaces a killed process, but
+a node that is gone for good leaves it queued until it returns.
+
+Everything is validated before anything is queued. Celery is imported lazily; only
+:mod:`fragjobs.farm` (and ``tasks/``) know about it. The knobs are the embedded run's
+(:class:`~fragjobs.chain.knobs.ChainKnobs`): they travel with the messages to every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fragjobs.catalog import Catalog, FragmentEntity
+from fragjobs.chain.knobs import ChainKnobs
+from fragjobs.config import Settings, get_settings
+from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
+from fragjobs.farm.launcher import make_celeryconfig_importable
+from fragjobs.farm.registry import WarmRegistry, WarmWorker
+from fragjobs.keys import check_int, check_seeds, normalise_prompt
+from fragjobs.library import lookup_prompt
+
+log = logging.getLogger("fragjobs.client")
+
+AFFINITY_INSPECT_TIMEOUT_S = 1.0
+"""How long routing waits for the warm workers' ``inspect`` replies."""
+
+_POLL_S = 0.5
+_RUNNING_STATES = ("STARTED", "PROGRESS", "RETRY", "SUCCESS")
+_QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def plan_batch_queues(
+    count: int, holders: Sequence[WarmWorker], free: Collection[str]
+) -> list[str | None]:
+    """The queue of each of ``count`` batches of one fragment.
+
+    Each free holder (``holders`` in order of preference, ``free`` their hostnames that can
+    start at once) gets one batch on its own queue; the other batches get None (the shared
+    queue), so they start on whichever worker is free instead of waiting for a holder.
+
+    Example::
+
+        plan_batch_queues(3, [WarmWorker("gpu0@n1", "gpu.n1.0", ("k",), 0.0)], {"gpu0@n1"})
+        # ["gpu.n1.0", None, None]
+    """
+    own = [w.queue for w in holders if w.hostname in free and w.queue]
+    own = list(dict.fromkeys(own))[:count]
+    return [*own, *[None] * (count - len(own))]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One generate task: Celery task id, catalog job id, seeds, queue (None: the default)."""
+
+    task_id: str
+    job_id: str
+    seeds: tuple[int, ...]
+    queue: str | None = None
+
+
+@dataclass
+class FarmResult:
+    """A finished farm job.
+
+    ``fragment_key`` is the fragment the images were generated with (None when every batch
+    fell back to the full model); ``lineage`` follows the catalog from the fragment that was
+    used or built (None when there is none); ``errors`` lists batches given up as poison jobs;
+    ``used_fallback`` says whether any batch ran on the full model and ``fallback_reasons``
+    why (distinct reasons); ``workers`` names the worker of each batch, in order.
+    """
+
+    image_uris: list[str]
+    fragment_key: str | None
+    job_ids: list[str]
+    lineage: dict[str, Any] | None
+    errors: list[str] = field(default_factory=list)
+    used_fallback: bool = False
+    fallback_reasons: list[str] = field(default_factory=list)
+    workers: list[str | None] = field(default_factory=list)
+
+
+class FarmJob:
+    """A submitted chain: its tasks' ids, its progress and its result."""
+
+    def __init__(
+        self,
+        farm: Farm,
+        stage_task_ids: dict[str, str],
+        batches: list[Batch],
+        reused_fragment: str | None,
+    ) -> None:
+        self.farm = farm
+        self.stage_task_ids = stage_task_ids
+        self.batches = batches
+        self.reused_fragment = reused_fragment
+
+    def __repr__(self) -> str:
+        return f"FarmJob(jobs={self.job_ids}, reused_fragment={self.reused_fragment!r})"
+
+    @property
+    def job_ids(self) -> list[str]:
+        """The catalog job ids of the generate batches, in seed order."""
+        return [batch.job_id for batch in self.batches]
+
+    def progress(self) -> dict[str, Any]:
+        """Where the job is, from the tasks' states (PENDING, STARTED, PROGRESS, ...).
+
+        Returns:
+            ``{"state", "stages": {"profile"|"extract"|"validate": state}, "batches":
+            [{"job_id", "state", "images_done", "images_total"}], "images_done",
+            "images_total"}``; ``state`` is FAILURE if any task failed, SUCCESS when every
+            batch finished, PROGRESS once any task started, else PENDING.
+        """
+        stages = {name: self._result(tid).state for name, tid in self.stage_task_ids.items()}
+        batches = []
+        for batch in self.batches:
+            result = self._result(batch.task_id)
+            state, info = result.state, result.info
+            if state == "SUCCESS":
+                done = len(batch.seeds)
+            elif state == "PROGRESS" and isinstance(info, dict):
+                done = int(info.get("step", 0))
+            else:
+                done = 0
+            batches.append(
+                {
+                    "job_id": batch.job_id,
+                    "state": state,
+                    "images_done": done,
+                    "images_total": len(batch.seeds),
+                }
+            )
+        states = list(stages.values()) + [b["state"] for b in batches]
+        if "FAILURE" in states:
+            overall = "FAILURE"
+        elif all(b["state"] == "SUCCESS" for b in batches):
+            overall = "SUCCESS"
+        elif any(s in _RUNNING_STATES for s in states):
+            overall = "PROGRESS"
+        else:
+            overall = "PENDING"
+        return {
+            "state": overall,
+            "stages": stages,
+            "batches": batches,
+            "images_done": sum(b["images_done"] for b in batches),
+            "images_total": sum(b["images_total"] for b in batches),
+        }
+
+    def wait(self, timeout: float | None = None) -> FarmResult:
+        """Block until every batch has finished; return the images and their lineage.
+
+        Raises:
+            TimeoutError: not finished after ``timeout`` seconds (the message has the
+                progress); the tasks keep running.
+            Exception: the error a task failed with (e.g. ``UnknownModelError``), re-raised.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        task_ids = [*self.stage_task_ids.values(), *(b.task_id for b in self.batches)]
+        while True:
+            # Results are read by polling their state: .get() would subscribe to the result
+            # backend's pub/sub channels for every task.
+            for task_id in task_ids:
+                self._result(task_id).maybe_throw()
+            if all(self._result(b.task_id).successful() for b in self.batches):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"farm job {self.job_ids} not finished after {timeout} s: {self.progress()}"
+                )
+            time.sleep(_POLL_S)
+        outputs = [self._result(b.task_id).result for b in self.batches]
+        used = next((o["fragment_key"] for o in outputs if o.get("fragment_key")), None)
+        built = self._stage_output("validate") or self._stage_output("extract") or {}
+        lineage_key = used or self.reused_fragment or built.get("key")
+        reasons = [o["fallback_reason"] for o in outputs if o.get("fallback_reason")]
+        return FarmResult(
+            image_uris=[uri for output in outputs for uri in output["image_uris"]],
+            fragment_key=used,
+            job_ids=self.job_ids,
+            lineage=self.farm.catalog.lineage(lineage_key) if lineage_key else None,
+            errors=[o["error"] for o in outputs if o.get("error")],
+            used_fallback=any(o.get("used_fallback") for o in outputs),
+            fallback_reasons=list(dict.fromkeys(reasons)),
+            workers=[o.get("worker") for o in outputs],
+        )
+
+    def _stage_output(self, name: str) -> dict[str, Any] | None:
+        task_id = self.stage_task_ids.get(name)
+        if task_id is None:
+            return None
+        result = self._result(task_id)
+        return result.result if result.successful() else None
+
+    def _result(self, task_id: str) -> Any:
+        return self.farm.app.AsyncResult(task_id)
+
+
+class Farm:
+    """A handle on the farm given by ``settings`` (default: the environment).
+
+    The Celery app and the catalog are opened on first use; :meth:`close` releases them.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._app: Any = None
+        self._catalog: Catalog | None = None
+        self._registry: list[WarmRegistry | None] = []
+
+    def __enter__(self) -> Farm:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the broker connections and the catalog's database connections."""
+        if self._app is not None:
+            self._app.close()
+        if self._catalog is not None:
+            self._catalog.dispose()
+        if self._registry and self._registry[0] is not None:
+            self._registry[0].close()
+
+    @property
+    def app(self) -> Any:
+        """The Celery app: ``celeryconfig`` with this farm's broker and result backend.
+
+        Raises:
+            ConfigError: ``celeryconfig`` cannot be imported.
+        """
+        if self._app is None:
+            from celery import Celery
+
+            make_celeryconfig_importable()
+            app = Celery("fragjobs", set_as_current=False)
+            try:
+                app.config_from_object("celeryconfig")
+                app.conf.task_routes  # noqa: B018  (the config module is imported lazily)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"cannot import celeryconfig ({exc}): run from the fragjobs checkout or "
+                    "put the folder holding celeryconfig.py on PYTHONPATH"
+                ) from exc
+            app.conf.update(
+                broker_url=self.settings.broker_url,
+                result_backend=self.settings.result_backend or self.settings.broker_url,
+            )
+            self._app = app
+        return self._app
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog (the embedded SQLite file is migrated; a server database is checked)."""
+        if self._catalog is None:
+            self._catalog = Catalog.open_embedded(self.settings)
+        return self._catalog
+
+    @property
+    def registry(self) -> WarmRegistry | None:
+        """The warm-fragment registry in the broker; None when the broker is not Redis."""
+        if not self._registry:
+            self._registry.append(WarmRegistry.for_broker(self.settings.broker_url))
+        return self._registry[0]
+
+    def submit(
+        self,
+        prompt: str,
+        knobs: ChainKnobs | None = None,
+        *,
+        seeds: list[int] | None = None,
+        batch_size: int = 4,
+        pipeline_batch_size: int | None = None,
+        queue: str | None = None,
+        affinity: bool = True,
+        **knob_values: Any,
+    ) -> FarmJob:
+        """Queue the chain for ``prompt``: ``variants`` seeds (or ``seeds``) in batches.
+
+        Args:
+            prompt: the text prompt.
+            knobs: what to do (:class:`~fragjobs.chain.knobs.ChainKnobs`), or the same knobs
+                as keyword arguments (``model=``, ``variants=``, ``threshold=``,
+                ``fidelity=``, ``low_rank=``, ``int8=``, ``caching=``, ``paraphrases=``,
+                ...); whatever is not given comes from the settings, as for ``fragjobs run``.
+                ``model`` is a built-in name or a diffusers folder every worker can read.
+            seeds: explicit seeds (distinct, non-negative) instead of ``0 .. variants-1``.
+            batch_size: seeds per generate task (one catalog job each).
+            pipeline_batch_size: images per pipeline call inside a task (the knobs'
+                ``batch_size``; default: ``batch_size``); PROGRESS is reported after each.
+            queue: send every task to this queue (``gpu.<node>.<i>``: one worker) instead of
+                routing them.
+            affinity: route batches of a ready fragment to free workers that hold it warm.
+
+        Returns:
+            the :class:`FarmJob`, to follow with ``progress()`` and ``wait()``.
+
+        Raises:
+            InvalidInputError: a malformed argument; nothing was queued.
+            UnknownModelError: ``model`` is neither a built-in nor an existing folder.
+        """
+        from celery import chain, group
+
+        normalise_prompt(prompt)
+        check_int(batch_size, "batch_size", minimum=1, maximum=1024)
+        if pipeline_batch_size is not None:
+            check_int(pipeline_batch_size, "pipeline_batch_size", minimum=1, maximum=1024)
+            knob_values["batch_size"] = pipeline_batch_size
+        elif knobs is None and "batch_size" not in knob_values:
+            knob_values["batch_size"] = batch_size
+        if seeds is not None:
+            seeds = check_seeds(seeds)
+            knob_values["variants"] = len(seeds)
+        if knobs is None:
+            knobs = ChainKnobs.from_settings(self.settings, **knob_values)
+        elif knob_values:
+            knobs = knobs.replace(**knob_values)
+        if not isinstance(affinity, bool):
+            raise InvalidInputError(f"affinity must be true or false, got {affinity!r}")
+        if queue is not None and not _QUEUE_PATTERN.match(str(queue)):
+            raise InvalidInputError(f"queue must be a queue name such as gpu.n1.0, got {queue!r}")
+        seeds = seeds if seeds is not None else list(range(knobs.variants))
+        knobs = knobs.replace(model=self._check_model(knobs.model))
+        model = knobs.model
+        message_knobs = knobs.to_json()
+        ready = self._ready_fragment(model, prompt)
+        app = self.app
+        chunks = [tuple(seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
+        if queue is not None:
+            queues: list[str | None] = [queue] * len(chunks)
+        elif ready is not None and affinity:
+            queues = self._affinity_queues(ready.key, len(chunks))
+        else:
+            queues = [None] * len(chunks)
+        batches = [
+            Batch(str(uuid.uuid4()), uuid.uuid4().hex[:20], chunk, q)
+            for chunk, q in zip(chunks, queues, strict=True)
+        ]
+        upstream = () if ready is None else ({"key": ready.key},)
+        key_text = ready.key if ready is not None else "from validate"
+        generates = [
+            app.signature(
+                "fragjobs.generate",
+                args=upstream,
+                kwargs={
+                    "prompt": prompt,
+                    "seeds": list(b.seeds),
+                    "job_id": b.job_id,
+                    "model": model,
+                    "batch_size": knobs.batch_size,
+                },
+                task_id=b.task_id,
+                **({"queue": b.queue} if b.queue else {}),
+                argsrepr=f"({prompt!r}, key={key_text})",
+                kwargsrepr=f"{{seeds {b.seeds[0]}..{b.seeds[-1]} ({len(b.seeds)}), "
+                f"job_id={b.job_id!r}}}",
+            )
+            for b in batches
+        ]
+        if ready is not None:
+            group(generates, app=app).apply_async()
+            return FarmJob(self, {}, batches, ready.key)
+        stage_ids = {name: str(uuid.uuid4()) for name in ("profile", "extract", "validate")}
+        pinned = {"queue": queue} if queue is not None else {}
+        stages = [
+            app.signature(
+                "fragjobs.profile",
+                args=(prompt,),
+                kwargs={"knobs": message_knobs},
+                task_id=stage_ids["profile"],
+                argsrepr=repr((prompt,)),
+                **pinned,
+            ),
+            app.signature(
+                "fragjobs.extract",
+                kwargs={"knobs": message_knobs},
+                task_id=stage_ids["extract"],
+                argsrepr=f"(profile of {prompt!r})",
+                **pinned,
+            ),
+            app.signature(
+                "fragjobs.validate",
+                task_id=stage_ids["validate"],
+                argsrepr=f"(fragment of {prompt!r})",
+                **pinned,
+            ),
+        ]
+        chain(*stages, group(generates, app=app), app=app).apply_async()
+        return FarmJob(self, stage_ids, batches, None)
+
+    def _affinity_queues(self, key: str, count: int) -> list[str | None]:
+        """Queues of ``count`` batches of fragment ``key``: see :func:`plan_batch_queues`.
+
+        A worker counts as free when it replies to ``inspect`` (within
+        :data:`AFFINITY_INSPECT_TIMEOUT_S`) with no running task and its own queue is empty.
+        Any broker error gives up affinity for this job (every batch to the shared queue).
+        """
+        shared: list[str | None] = [None] * count
+        registry = self.registry
+        if registry is None:
+            return shared
+        from kombu.exceptions import KombuError
+        from redis.exceptions import RedisError
+
+        try:
+            holders = [w for w in registry.holders(key) if w.queue]
+            if not holders:
+                return shared
+            names = [w.hostname for w in holders]
+            inspect = self.app.control.inspect(
+                destination=names, timeout=AFFINITY_INSPECT_TIMEOUT_S, limit=len(names)
+            )
+            active = inspect.active() or {}
+            free = {
+                w.hostname
+                for w in holders
+                if w.hostname in active
+                and not active[w.hostname]
+                and registry.waiting(w.queue) == 0
+            }
+        except (RedisError, KombuError, OSError) as exc:
+            log.warning("fragment affinity unavailable (%s): using the shared queue", exc)
+            return shared
+        return plan_batch_queues(count, holders, free)
+
+    def _check_model(self, model: Any) -> str:
+        from fragjobs.builtin import BUILTINS
+
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidInputError(f"model must be a non-empty string, got {model!r}")
+        model = model.strip()
+        if model in BUILTINS:
+            return model
+        if Path(model).expanduser().is_dir():
+            # workers run in other folders, maybe on other machines: send an absolute path
+            return str(Path(model).expanduser().resolve())
+        raise UnknownModelError(
+            f"unknown model {model!r}: the farm runs a built-in ({', '.join(sorted(BUILTINS))}) "
+            "or a diffusers folder that every worker can read (give its absolute path)"
+        )
+
+    def _ready_fragment(self, model: str, prompt: str) -> FragmentEntity | None:
+        """The ready fragment made for ``prompt`` on ``model``, if the catalog has one.
+
+        The client does not load the model, so it matches the base model by name (a
+        built-in's name, a folder's name); when several bases share that name it does not
+        guess and the full chain runs (its steps reuse whatever is already stored). The
+        worker still checks the fragment's base sha256 and falls back if it differs.
+        """
+        name = Path(model).name if Path(model).is_absolute() else model
+        base_ids = {f.base_model_id for f in self.catalog.list_fragments(status="ready")}
+        matching = [i for i in sorted(base_ids) if self.catalog.get_base_model(i).name == name]
+        if len(matching) != 1:
+            return None
+        return lookup_prompt(self.catalog, matching[0], prompt)
