@@ -40,7 +40,7 @@ def noisy(images: torch.Tensor, amount: float, seed: int = 1) -> torch.Tensor:
 
 @pytest.fixture()
 def thresholds() -> Thresholds:
-    return load_thresholds(Path(__file__).parents[1] / "fragjobs" / "thresholds.yaml")
+    return load_thresholds(Path(__file__).parents[2] / "fragjobs" / "thresholds.yaml")
 
 
 def write_thresholds(path: Path, **changes: object) -> Path:

@@ -191,7 +191,7 @@ def test_embedded_default_needs_no_setup(tmp_path: Path) -> None:
 
 def test_importing_the_catalog_does_not_import_alembic() -> None:
     code = "import sys, fragjobs.catalog; assert 'alembic' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 # -- insert-or-get and concurrency ---------------------------------------------------------

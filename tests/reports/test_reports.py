@@ -16,7 +16,7 @@ from fragjobs.reports import SCHEMA, build_metrics_summary, save_compare_image, 
 from fragjobs.reports.summary import NEVER_PAYS_BACK, REUSE_NOT_MEASURED
 from fragjobs.validation import QualityMetrics, Thresholds, evaluate_gate, load_thresholds
 
-THRESHOLDS = load_thresholds(Path(__file__).parents[1] / "fragjobs" / "thresholds.yaml")
+THRESHOLDS = load_thresholds(Path(__file__).parents[2] / "fragjobs" / "thresholds.yaml")
 
 PERFORMANCE = {
     "latency_full_ms": 2000.0,
