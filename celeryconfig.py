@@ -19,9 +19,10 @@ default: the broker — and the farm-only ones):
 
 from __future__ import annotations
 
+from fragjobs.config import load_settings
 from fragjobs.farm.settings import SHARED_QUEUE, FarmSettings
 
-_settings = FarmSettings()
+_settings = load_settings(FarmSettings)
 
 broker_url = _settings.broker_url
 result_backend = _settings.result_backend or _settings.broker_url
@@ -47,8 +48,24 @@ fragjobs_affinity_ttl_s = _settings.affinity_ttl_s
 task_soft_time_limit = _settings.task_soft_time_limit
 task_time_limit = _settings.task_time_limit
 # Redis redelivers a message not acknowledged within visibility_timeout: it must be longer
-# than the longest task, or a running task is handed to a second worker.
-broker_transport_options = {"visibility_timeout": task_time_limit + 600}
+# than the longest task, or a running task is handed to a second worker. It is also how long
+# the tasks of a whole worker that was killed (main process and pool) wait before another
+# worker gets them: the hard time limit + REDELIVERY_MARGIN_S (default 960 + 60 s = 17 min).
+# A pool process that dies alone is redelivered at once (task_reject_on_worker_lost).
+REDELIVERY_MARGIN_S = 60
+broker_transport_options = {"visibility_timeout": task_time_limit + REDELIVERY_MARGIN_S}
+
+# Ride out a broker restart: publishing the next step of a chain (or a client's submit) is
+# retried for about two minutes before it gives up, and the worker keeps reconnecting.
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 30,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
+    "interval_max": 5.0,
+}
+broker_connection_retry = True
+broker_connection_max_retries = None
 
 task_default_queue = SHARED_QUEUE
 task_routes = {"fragjobs.*": {"queue": SHARED_QUEUE}}

@@ -23,7 +23,7 @@ import torch
 
 from fragjobs.builtin import BUILTINS
 from fragjobs.config import Settings, get_settings
-from fragjobs.errors import InvalidInputError, UnknownModelError
+from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -148,10 +148,27 @@ def identify(pipe: Any, settings: Settings | None = None) -> BaseModelInfo:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``."""
+    """``auto`` → ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        ConfigError: a device this machine does not have (``FRAGJOBS_DEVICE``).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"FRAGJOBS_DEVICE={device!r} is not a device: {exc}") from None
+    if resolved.type == "cuda" and (
+        not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(
+            f"FRAGJOBS_DEVICE={device!r}: this machine has no such CUDA device "
+            f"({torch.cuda.device_count()} visible); use auto or cpu"
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"FRAGJOBS_DEVICE={device!r}: MPS is not available here; use cpu")
+    return resolved
 
 
 def hash_weight_files(folder: Path, name: str) -> str:

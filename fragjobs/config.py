@@ -1,4 +1,7 @@
-"""Settings, read from the environment (prefix ``FRAGJOBS_``) and optional ``.env`` file.
+"""Settings, read from the environment (prefix ``FRAGJOBS_``) and a ``.env`` file you name.
+
+A ``.env`` file is read only from the path in ``FRAGJOBS_ENV_FILE``, never from the current
+folder: a command run in someone else's checkout must not pick up their settings.
 
 The embedded default needs no setting at all: the catalog is a SQLite file and the store is a
 folder, both under ``data_dir``. The farm is configured only by environment variables.
@@ -12,22 +15,57 @@ Example::
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from fragjobs.errors import ConfigError
 
 DEFAULT_THRESHOLD = 0.75
 """Fraction of attention heads a fragment keeps unless told otherwise."""
 DEFAULT_FIDELITY = 0.9
 """SSIM against the full model a fragment keeps on its profiling seeds unless told otherwise."""
+ENV_FILE_VARIABLE = "FRAGJOBS_ENV_FILE"
+"""The one way to have a ``.env`` file read: its path in this variable."""
+
+
+S = TypeVar("S", bound="Settings")
 
 
 class Settings(BaseSettings):
     """All fragjobs settings. Every field can be set as ``FRAGJOBS_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="FRAGJOBS_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FRAGJOBS_", env_file=None, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment first, then the ``.env`` file named by ``FRAGJOBS_ENV_FILE``.
+
+        Raises:
+            ConfigError: ``FRAGJOBS_ENV_FILE`` names something that is not a file.
+        """
+        named = os.environ.get(ENV_FILE_VARIABLE)
+        if named:
+            if not Path(named).is_file():
+                raise ConfigError(f"{ENV_FILE_VARIABLE}={named} is not a file")
+            dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=named)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     data_dir: Path = Field(
         default=Path.home() / ".fragjobs",
@@ -57,7 +95,11 @@ class Settings(BaseSettings):
     lpips_weights_path: Path | None = Field(
         default=None, description="Local LPIPS backbone weights; unset → null metric."
     )
-    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|mps|cuda|cuda:\d+)$",
+        description="'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'.",
+    )
     max_variants: int = Field(default=10_000, gt=0)
 
     @field_validator("data_dir", "cache_dir", mode="after")
@@ -83,5 +125,26 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (read once; call ``get_settings.cache_clear()`` in tests)."""
-    return Settings()
+    """The process-wide settings (read once; call ``get_settings.cache_clear()`` in tests).
+
+    Raises:
+        ConfigError: a ``FRAGJOBS_*`` variable has a value that cannot be used (one line
+            naming the variable).
+    """
+    return load_settings(Settings)
+
+
+def load_settings(cls: type[S]) -> S:
+    """``cls()`` from the environment, a bad value reported as one ConfigError line."""
+    from pydantic import ValidationError
+
+    from fragjobs.errors import ConfigError
+
+    try:
+        return cls()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first.get("loc") else "?"
+        raise ConfigError(
+            f"FRAGJOBS_{field.upper()}: {first['msg']} (got {first.get('input')!r})"
+        ) from None

@@ -76,6 +76,10 @@ class GateFailedError(FragmentError):
     """A fragment did not pass its quality gate."""
 
 
+class PoisonTaskError(FragjobsError):
+    """A farm task was delivered more often than ``FRAGJOBS_MAX_TASK_ATTEMPTS``."""
+
+
 class IrreversibleChangeError(FragjobsError, RuntimeError):
     """An in-place edit (head pruning, factorisation) was asked to be undone."""
 

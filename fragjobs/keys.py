@@ -22,10 +22,34 @@ PROFILE_STATS_FILE = "stats.safetensors"
 PROFILE_IMPORTANCE_FILE = "head_importance.json"
 
 
+MAX_PROMPT_CHARS = 2000
+"""Longest prompt taken. Text encoders read far less (CLIP: 77 tokens, about 300
+characters); the chain warns when the model's tokenizer truncates a prompt."""
+
+
 def normalise_prompt(prompt: str) -> str:
-    """Lower-case, strip and collapse whitespace; raise on an empty or non-string prompt."""
+    """Lower-case, strip and collapse whitespace; raise on a prompt no model can take.
+
+    Raises:
+        InvalidInputError: not a string, empty, longer than :data:`MAX_PROMPT_CHARS`, or
+            holding a NUL/control character or a lone surrogate (not valid UTF-8).
+    """
     if not isinstance(prompt, str):
         raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInputError(
+            f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS} "
+            "(text encoders read about 300 characters: 77 tokens)"
+        )
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"prompt is not valid text (a lone surrogate at position {exc.start})"
+        ) from None
+    bad = next((c for c in prompt if ord(c) < 32 and c not in "\t\n\r"), None)
+    if bad is not None:
+        raise InvalidInputError(f"prompt holds the control character {bad!r}: remove it")
     normalised = " ".join(prompt.lower().split())
     if not normalised:
         raise InvalidInputError("prompt is empty: give a non-blank text prompt")
@@ -116,7 +140,7 @@ def check_int(value: Any, what: str, *, minimum: int = 0, maximum: int | None = 
 
 def check_seeds(seeds: Any) -> list[int]:
     """Validate a list of seeds: non-empty, integers in [0, 2**63), no duplicates."""
-    if isinstance(seeds, int | str) or not hasattr(seeds, "__iter__"):
+    if not isinstance(seeds, list | tuple | range):
         raise InvalidInputError(f"seeds must be a list of integers, got {seeds!r}")
     out = [check_int(s, "seed", minimum=0, maximum=2**63 - 1) for s in seeds]
     if not out:

@@ -197,3 +197,16 @@ class ImageRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[GenerationJobRow] = relationship(lazy="joined")
+
+
+class TaskDeliveryRow(Base):
+    """How often one farm task (by its Celery task id) was delivered: the poison guard."""
+
+    __tablename__ = "task_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_at: Mapped[datetime] = mapped_column(default=utcnow)

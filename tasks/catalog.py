@@ -28,8 +28,10 @@ def revalidate(
     PROGRESS is reported after each fragment (``{"step", "total", "key"}``).
     """
     with transient_failures():
+        ws = chain.workspace()
+        self.guard_delivery(ws)
         report = chain.revalidate(
-            chain.workspace(),
+            ws,
             keys=keys,
             gate=gate,
             progress_callback=lambda done, total, key: self.report_progress(done, total, key=key),

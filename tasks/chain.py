@@ -17,7 +17,7 @@ from typing import Any
 
 from fragjobs import chain
 from tasks.app import app
-from tasks.policy import ChainTask, TransientError, max_attempts, transient_failures
+from tasks.policy import ChainTask, TransientError, transient_failures
 from tasks.worker import advertise_warm_fragments
 
 __all__ = ["TransientError", "extract", "generate", "profile", "validate"]
@@ -28,7 +28,9 @@ def profile(self: ChainTask, prompt: str, *, knobs: dict[str, Any] | None = None
     """Profile ``prompt`` (:func:`fragjobs.chain.delivery.profile_message`)."""
     self.report_progress(0, 1, stage="profile")
     with transient_failures():
-        result = chain.profile_message(prompt, knobs, ws=chain.workspace())
+        ws = chain.workspace()
+        self.guard_delivery(ws)
+        result = chain.profile_message(prompt, knobs, ws=ws)
     return {**result, "worker": self.request.hostname}
 
 
@@ -39,7 +41,9 @@ def extract(
     """Extract a profile's fragment (:func:`fragjobs.chain.delivery.extract_message`)."""
     self.report_progress(0, 1, stage="extract")
     with transient_failures():
-        result = chain.extract_message(upstream, knobs, ws=chain.workspace())
+        ws = chain.workspace()
+        self.guard_delivery(ws)
+        result = chain.extract_message(upstream, knobs, ws=ws)
     return {**result, "worker": self.request.hostname}
 
 
@@ -50,7 +54,9 @@ def validate(
     """Gate a fragment, climbing the ladder (:func:`fragjobs.chain.delivery.validate_message`)."""
     self.report_progress(0, 1, stage="validate")
     with transient_failures():
-        result = chain.validate_message(upstream, seeds, ws=chain.workspace())
+        ws = chain.workspace()
+        self.guard_delivery(ws)
+        result = chain.validate_message(upstream, seeds, ws=ws)
     return {**result, "worker": self.request.hostname}
 
 
@@ -77,7 +83,7 @@ def generate(
             job_id=job_id,
             model=model,
             batch_size=batch_size,
-            max_attempts=max_attempts(self.app),
+            max_attempts=self.attempt_limit(),
             ws=chain.workspace(),
             progress_callback=lambda done, total: self.report_progress(
                 done, total, job_id=job_id, worker=self.request.hostname

@@ -1,8 +1,12 @@
 """What every fragjobs task shares: which failures are retried, and PROGRESS reports.
 
 Only transient failures (catalog database, broker or object store unreachable) are retried,
-with exponential backoff, at most :attr:`ChainTask.max_retries` times; a constraint
-violation or a missing row would fail the same way again and is not.
+with exponential backoff (2, 4, 8, ... s, at most 60 s between tries, jittered), at most
+:attr:`ChainTask.max_retries` times — several minutes in all, so a database or broker
+restart of a minute is ridden out; a constraint violation or a missing row would fail the
+same way again and is not retried. Every delivery of a task is counted in the catalog
+(:meth:`ChainTask.guard_delivery`): a task that keeps killing its worker fails with the
+reason after ``FRAGJOBS_MAX_TASK_ATTEMPTS`` deliveries instead of looping.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
-from fragjobs.chain.jobs import DEFAULT_MAX_ATTEMPTS
+from fragjobs.chain.jobs import DEFAULT_MAX_ATTEMPTS, guard_task_delivery
 from fragjobs.errors import CatalogError, StorageUnavailableError
 
 
@@ -57,10 +61,10 @@ class ChainTask(Task):
     """The policy shared by the tasks: retry transient failures, report PROGRESS."""
 
     autoretry_for = TRANSIENT_ERRORS
-    retry_backoff = True
-    retry_backoff_max = 600
+    retry_backoff = 2
+    retry_backoff_max = 60
     retry_jitter = True
-    max_retries = 3
+    max_retries = 10
 
     def report_progress(self, step: int, total: int, **meta: Any) -> None:
         """Set the state ``PROGRESS`` with ``{"step", "total", **meta}`` and tell Flower.
@@ -75,6 +79,19 @@ class ChainTask(Task):
         if not self.request.is_eager and self.request.hostname:
             # A custom event type becomes the task's state in Flower (celery.events.state).
             self.send_event("task-progress", result=info)
+
+    def guard_delivery(self, ws: Any) -> None:
+        """Count this delivery; raise PoisonTaskError past the attempt limit.
+
+        A retry (``self.request.retries``) is a delivery too, but not a crash: the limit
+        grows with the retries, so only deliveries that ended with the worker gone count.
+        """
+        if self.request.id is not None:
+            guard_task_delivery(ws, self.request.id, self.name, self.attempt_limit())
+
+    def attempt_limit(self) -> int:
+        """Deliveries allowed now: ``FRAGJOBS_MAX_TASK_ATTEMPTS`` plus this task's retries."""
+        return max_attempts(self.app) + int(self.request.retries or 0)
 
 
 def max_attempts(celery_app: Any) -> int:

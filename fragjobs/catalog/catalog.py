@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fragjobs.catalog.bases import BaseModelsMixin
 from fragjobs.catalog.database import _is_sqlite
+from fragjobs.catalog.deliveries import DeliveriesMixin
 from fragjobs.catalog.fragments import FragmentsMixin
 from fragjobs.catalog.jobs import JobsMixin
 from fragjobs.catalog.lineage import LineageMixin
@@ -19,6 +20,7 @@ class Catalog(
     FragmentsMixin,
     ValidationsMixin,
     JobsMixin,
+    DeliveriesMixin,
     LineageMixin,
 ):
     """The catalog database at a SQLAlchemy URL.

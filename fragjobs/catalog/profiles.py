@@ -84,3 +84,22 @@ class ProfilesMixin(CatalogCore):
         validate_key(profile_id)
         with self._transaction() as session:
             return _profile(_profile_row(session, profile_id))
+
+    def replace_profile_stats(
+        self, profile_id: str, stats_uri: str, stats_sha256: str, importance_uri: str
+    ) -> ProfileEntity:
+        """Point profile ``profile_id`` at newly stored statistics (a repaired profile).
+
+        Raises:
+            NotFoundError: no such profile.
+        """
+        validate_key(profile_id)
+        _check_text(stats_uri, "stats_uri")
+        _check_sha256(stats_sha256, "stats_sha256")
+        _check_text(importance_uri, "importance_uri")
+        with self._transaction() as session:
+            row = _profile_row(session, profile_id)
+            row.stats_uri, row.stats_sha256 = stats_uri, stats_sha256
+            row.importance_uri = importance_uri
+            session.flush()
+            return _profile(row)

@@ -32,6 +32,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
+    "collect_garbage": "fragjobs.chain.maintenance",
+    "rebuild_catalog": "fragjobs.chain.maintenance",
+    "remove_fragment": "fragjobs.chain.maintenance",
     "ChainKnobs": "fragjobs.chain.knobs",
     "DEFAULT_MAX_ATTEMPTS": "fragjobs.chain.jobs",
     "DEFAULT_PROFILE_SEEDS": "fragjobs.chain.knobs",
@@ -61,6 +64,7 @@ _EXPORTS = {
     "fragment_unet": "fragjobs.chain.fragments",
     "generate": "fragjobs.chain.generate_step",
     "generate_message": "fragjobs.chain.delivery",
+    "guard_task_delivery": "fragjobs.chain.jobs",
     "head_guard": "fragjobs.chain.knobs",
     "load_stored_fragment": "fragjobs.chain.fragments",
     "measure_reuse": "fragjobs.chain.reuse",

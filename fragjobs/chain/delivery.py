@@ -27,6 +27,7 @@ from fragjobs.chain.generate_step import generate
 from fragjobs.chain.jobs import DEFAULT_MAX_ATTEMPTS, count_delivery, give_up_if_poison
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS, ChainKnobs
 from fragjobs.chain.ladder import extract_and_validate
+from fragjobs.chain.locks import write_lock
 from fragjobs.chain.profile_step import profile
 from fragjobs.chain.reuse import measure_reuse
 from fragjobs.chain.state import warm_fragment_keys
@@ -207,20 +208,25 @@ def generate_message(
         log.error(reason)
         kept = [image.uri for image in ws.catalog.list_images(job_id)]
         return _generation(job_id, seeds, kept, None, False, None, error=reason)
+    if key is not None and ws.catalog.find_fragment(key) is None:
+        log.warning("fragment %s named upstream is gone: using the prompt's own lookup", key)
+        key = None
     warm_before = set(warm_fragment_keys())
     cache = warm_cache(ws)
     counters = _cache_counters(cache)
-    result = generate(
-        prompt,
-        seeds=seeds,
-        model=model,
-        key=key,
-        batch_size=batch_size,
-        job_id=job_id,
-        ws=ws,
-        progress=False,
-        progress_callback=progress_callback,
-    )
+    # A redelivered copy of a batch still running elsewhere waits, then keeps its images.
+    with write_lock(ws, f"job:{job_id}"):
+        result = generate(
+            prompt,
+            seeds=seeds,
+            model=model,
+            key=key,
+            batch_size=batch_size,
+            job_id=job_id,
+            ws=ws,
+            progress=False,
+            progress_callback=progress_callback,
+        )
     fetched = {k: v - counters[k] for k, v in _cache_counters(cache).items()}
     if result.fragment_key is None:
         source = None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from fragjobs.chain.bases import base, base_of
+from fragjobs.chain.locks import write_lock
 from fragjobs.chain.profile_step import profile_from_bytes
-from fragjobs.chain.stored import read_manifest
+from fragjobs.chain.stored import verified_objects
 from fragjobs.chain.workspaces import Workspace, workspace
-from fragjobs.errors import InvalidInputError
+from fragjobs.errors import FragmentIntegrityError, InvalidInputError
 from fragjobs.extraction import ExtractionConfig, Fragment, extract_fragment, seal
 from fragjobs.keys import (
     FRAGMENT_FILE,
@@ -22,6 +24,8 @@ from fragjobs.keys import (
     validate_key,
 )
 from fragjobs.manifest import FragmentManifest
+
+log = logging.getLogger("fragjobs")
 
 
 @dataclass
@@ -45,6 +49,10 @@ def extract(
     """Extract the fragment of a stored profile and store it (status ``building``).
 
     Idempotent: if the key is already in the catalog and stored, nothing is extracted again.
+    Concurrent calls for one key are serialised (:func:`~fragjobs.chain.locks.write_lock`):
+    the first extracts and stores, the others wait and reuse it. A fragment whose stored
+    objects are damaged (or marked ``corrupt``) is extracted again and stored in place: its
+    row, and so its lineage, stays; its status goes back to ``building`` until validated.
     """
     ws = ws or workspace()
     if config is not None and not isinstance(config, ExtractionConfig):
@@ -67,15 +75,20 @@ def extract(
     )
     prof = profile_from_bytes(stats)
     key = make_fragment_key(loaded.info.name, prof.prompt, config.params(prof))
-    existing = ws.catalog.find_fragment(key)
-    if existing is not None and existing.manifest_sha256 is not None:  # stored completely
-        manifest = read_manifest(ws, existing)
-        return ExtractResult(key, manifest, existing.storage_uri, reused=True)
-
-    fragment, _unet = extract_fragment(
-        loaded.pipe, loaded.info, prof, config, profile_id=profile_id
-    )
-    return _store_fragment(ws, fragment, prof_row, base_row.id, config.params(prof), started)
+    with write_lock(ws, f"fragment:{key}"):
+        existing = ws.catalog.find_fragment(key)
+        if existing is not None and existing.manifest_sha256 is not None:  # stored completely
+            try:
+                manifest, _ = verified_objects(ws, existing)
+                if existing.status != "corrupt":
+                    return ExtractResult(key, manifest, existing.storage_uri, reused=True)
+            except FragmentIntegrityError as exc:
+                log.warning("fragment %s is corrupt (%s): extracting it again", key, exc)
+            log.warning("rebuilding corrupt fragment %s in place", key)
+        fragment, _unet = extract_fragment(
+            loaded.pipe, loaded.info, prof, config, profile_id=profile_id
+        )
+        return _store_fragment(ws, fragment, prof_row, base_row.id, config.params(prof), started)
 
 
 def _store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, started):
@@ -102,6 +115,8 @@ def _store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, sta
             file_sha256=stored_file.sha256,
             manifest_sha256=sha256_hex(manifest_bytes),
         )
+        if not created:
+            ws.catalog.set_fragment_status(fragment.key, "building", "rebuilt")
     except BaseException:
         if created:
             ws.store.delete_prefix(folder + "/")

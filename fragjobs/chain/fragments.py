@@ -11,11 +11,12 @@ import torch
 from fragjobs.base_models import LoadedBase, identify
 from fragjobs.catalog import FragmentEntity
 from fragjobs.chain.state import STATE, WARM_FRAGMENT_UNETS
-from fragjobs.chain.stored import read_manifest, rewrite_manifest, verified_objects
+from fragjobs.chain.stored import update_manifest, verified_objects
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import (
     FragmentIntegrityError,
     IntegrityError,
+    InvalidInputError,
     ManifestError,
 )
 from fragjobs.extraction import (
@@ -57,10 +58,7 @@ def record_performance(
 ) -> FragmentManifest:
     """Store measured timings in the fragment's manifest (``performance.measured_*``)."""
     ws = ws or workspace()
-    row = ws.catalog.get_fragment(key)
-    manifest = read_manifest(ws, row).model_copy(update={"performance": performance})
-    rewrite_manifest(ws, key, manifest)
-    return manifest
+    return update_manifest(ws, key, {"performance": performance})
 
 
 def fragment_unet(loaded: LoadedBase, fragment: Fragment) -> torch.nn.Module:
@@ -111,6 +109,14 @@ def apply_fragment_(
         BaseModelMismatchError: the pipeline is not the fragment's base.
         FragmentIntegrityError: the fragment's bytes do not match their hashes.
     """
+    if getattr(pipe, "unet", None) is None:
+        raise InvalidInputError(
+            f"apply_fragment_ needs a diffusers pipeline with a UNet, got {type(pipe).__name__}"
+        )
+    if not isinstance(key_or_path, str | Path):
+        raise InvalidInputError(
+            f"give a fragment key or a fragment folder, got {type(key_or_path).__name__}"
+        )
     path = Path(key_or_path)
     if path.is_dir():
         fragment = load_fragment_folder(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from fragjobs.chain.knobs import MAX_BATCH_SIZE, check_variants
 from fragjobs.chain.stored import read_manifest
 from fragjobs.chain.validate_step import generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
-from fragjobs.errors import FragmentError, GateFailedError
+from fragjobs.errors import FragmentError, GateFailedError, InvalidInputError, NotFoundError
 from fragjobs.generation import GenerationConfig, generate_images, with_unet
 from fragjobs.keys import (
     check_int,
@@ -69,6 +70,11 @@ def generate(
     base. A missing, corrupt or gate-failing fragment is never fatal: the job runs on the
     full model and says why (log warning + ``used_fallback``/``fallback_reason`` in the
     catalog). Images go to ``generations/<job-id>/<seed>.png`` with ``meta.json``.
+
+    Raises:
+        InvalidInputError: a bad prompt, seeds, steps or guidance, or ``job_id`` already
+            used for another prompt or other seeds.
+        NotFoundError: ``key`` was named and is not in the catalog.
     """
     ws = ws or workspace()
     normalise_prompt(prompt)
@@ -79,7 +85,21 @@ def generate(
     check_int(batch_size, "batch_size", minimum=1, maximum=MAX_BATCH_SIZE)
     if key is not None:
         validate_key(key)
+    if steps is not None:
+        check_int(steps, "steps", minimum=1, maximum=1000)
+    if guidance_scale is not None and (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, int | float)
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise InvalidInputError(
+            f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}"
+        )
+    if key is not None and ws.catalog.find_fragment(key) is None:
+        raise NotFoundError(f"no fragment {key!r} in the catalog (see `fragjobs fragments ls`)")
     job_id = validate_key(job_id) if job_id else uuid.uuid4().hex[:20]
+    _check_job_spec(ws, job_id, prompt, seeds)
     loaded = base(model, ws.settings)
     base_row = ws.catalog.get_or_create_base_model(
         loaded.info.name, loaded.info.sha256, loaded.info.source
@@ -160,6 +180,19 @@ def generate(
         stacked,
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _check_job_spec(ws: Workspace, job_id: str, prompt: str, seeds: list[int]) -> None:
+    """A job id is bound to its prompt and seeds: reusing it for another spec is refused."""
+    try:
+        job = ws.catalog.get_job(job_id)
+    except NotFoundError:
+        return
+    if normalise_prompt(job.prompt) != normalise_prompt(prompt) or list(job.seeds) != seeds:
+        raise InvalidInputError(
+            f"job {job_id} exists for prompt {job.prompt!r} and seeds {job.seeds}: "
+            "give a new job id for another prompt or other seeds"
+        )
 
 
 def _fragment_pipe_or_fallback(ws, loaded, base_model_id, prompt, key):

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from fragjobs.catalog import JobEntity
 from fragjobs.chain.bases import base
 from fragjobs.chain.workspaces import Workspace
-from fragjobs.errors import NotFoundError
+from fragjobs.errors import NotFoundError, PoisonTaskError
 
 DEFAULT_MAX_ATTEMPTS = 3
 """Deliveries a job may have unless ``FRAGJOBS_MAX_TASK_ATTEMPTS`` says otherwise."""
@@ -63,3 +63,19 @@ def give_up_if_poison(ws: Workspace, job_id: str, attempts: int, limit: int) -> 
     )
     ws.catalog.update_job(job_id, status="failed", finished_at=datetime.now(UTC))
     return reason
+
+
+def guard_task_delivery(ws: Workspace, task_id: str, name: str, limit: int) -> None:
+    """Count one delivery of farm task ``task_id``; past ``limit`` refuse to run it again.
+
+    Raises:
+        PoisonTaskError: the task was delivered more than ``limit`` times (it keeps killing
+            its worker); what it produced before stays.
+    """
+    attempts = ws.catalog.count_task_delivery(task_id, name)
+    if attempts > limit:
+        raise PoisonTaskError(
+            f"task {name} {task_id} was delivered {attempts} times (limit {limit}, "
+            "FRAGJOBS_MAX_TASK_ATTEMPTS): failed instead of running it again; look at the "
+            "worker logs for what killed the earlier attempts"
+        )

@@ -1,8 +1,16 @@
-"""The re-validation lock: two runs over one catalog never overlap.
+"""Named locks over one catalog: first writer wins, concurrent writers wait and reuse.
 
-On PostgreSQL a session-level advisory lock held on a connection of its own for the whole
-run (the server releases it if the process dies); on SQLite an exclusive ``flock`` on
-``<catalog file>.revalidate.lock`` (one machine, as SQLite itself).
+A farm delivers every message at least once and runs identical chains side by side, so two
+processes may profile the same prompt, extract the same fragment or rewrite the same manifest
+at the same moment. Each of those writes happens under a lock named after what it writes
+(``profile:<id>``, ``fragment:<key>``); the second process waits, then finds the first one's
+rows and objects and reuses them, so concurrent chains converge on one profile and one
+fragment and store and catalog never disagree.
+
+On PostgreSQL a lock is a session-level advisory lock (keyed by the sha256 of its name) held
+on a connection of its own: the server releases it if the process dies. On SQLite it is an
+exclusive ``flock`` on ``<catalog file>.locks/<name>.lock`` (one machine, as SQLite itself).
+Re-validation takes ``revalidate`` without waiting: a run that finds it taken does nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,61 +37,97 @@ log = logging.getLogger("fragjobs")
 LOCK_ID = int.from_bytes(hashlib.sha256(b"fragjobs.revalidate").digest()[:8], "big", signed=True)
 """The PostgreSQL advisory lock key of re-validation (a signed 64-bit integer)."""
 
+WRITE_LOCK_WAIT_S = 3600.0
+"""How long a writer waits for another process writing the same thing (then it fails)."""
+
+_POLL_S = 0.2
+
+
+def lock_id(name: str) -> int:
+    """The signed 64-bit advisory lock key of ``name`` (``revalidate`` → :data:`LOCK_ID`)."""
+    seed = b"fragjobs.revalidate" if name == "revalidate" else f"fragjobs.{name}".encode()
+    return int.from_bytes(hashlib.sha256(seed).digest()[:8], "big", signed=True)
+
 
 @contextlib.contextmanager
-def revalidation_lock(ws: Workspace) -> Iterator[bool]:
-    """Hold the re-validation lock of ``ws``'s catalog; yield whether it was acquired.
+def named_lock(ws: Workspace, name: str, *, wait_s: float | None = None) -> Iterator[bool]:
+    """Hold the lock ``name`` of ``ws``'s catalog; yield whether it was acquired.
 
-    Never waits: a lock held by another run yields False. PostgreSQL: advisory lock
-    :data:`LOCK_ID` on a connection of its own. SQLite: ``flock`` on
-    ``<catalog file>.revalidate.lock``. Any other database: ``flock`` on
-    ``<data dir>/revalidate.lock`` (this machine only).
+    ``wait_s``: None never waits (a lock held elsewhere yields False); otherwise wait up to
+    that many seconds, then raise.
 
     Raises:
-        CatalogError: the PostgreSQL server cannot be reached.
+        CatalogError: the PostgreSQL server cannot be reached, or the wait timed out.
     """
     from sqlalchemy.engine import make_url
 
     url = make_url(ws.catalog.url)
     if url.get_backend_name() == "postgresql":
-        with _advisory_lock(ws.catalog.url) as acquired:
+        with _advisory_lock(ws.catalog.url, lock_id(name), name, wait_s) as acquired:
             yield acquired
         return
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         path = Path(url.database).expanduser()
-        lock_path = path.with_name(path.name + ".revalidate.lock")
+        folder = path.with_name(path.name + ".locks")
     else:
-        lock_path = ws.settings.data_dir / "revalidate.lock"
-    with _file_lock(lock_path) as acquired:
+        folder = ws.settings.data_dir / "locks"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    with _file_lock(folder / f"{safe}.lock", name, wait_s) as acquired:
         yield acquired
 
 
 @contextlib.contextmanager
-def _advisory_lock(url: str) -> Iterator[bool]:
+def revalidation_lock(ws: Workspace) -> Iterator[bool]:
+    """Hold the re-validation lock (never waits); yield whether it was acquired."""
+    with named_lock(ws, "revalidate") as acquired:
+        yield acquired
+
+
+@contextlib.contextmanager
+def write_lock(ws: Workspace, name: str) -> Iterator[None]:
+    """Hold ``name`` for a write, waiting up to :data:`WRITE_LOCK_WAIT_S` for another writer."""
+    with named_lock(ws, name, wait_s=WRITE_LOCK_WAIT_S):
+        yield
+
+
+def _timed_out(name: str, wait_s: float) -> CatalogError:
+    return CatalogError(
+        f"lock {name!r} still held by another process after {wait_s:.0f} s; "
+        "it is released when that process finishes or dies"
+    )
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str, key: int, name: str, wait_s: float | None) -> Iterator[bool]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.pool import NullPool
 
     engine = create_engine(url, poolclass=NullPool)
+    deadline = None if wait_s is None else time.monotonic() + wait_s
     try:
         try:
             connection = engine.connect()
-            acquired = bool(
-                connection.execute(
-                    text("SELECT pg_try_advisory_lock(:id)"), {"id": LOCK_ID}
-                ).scalar()
-            )
-            connection.commit()  # the lock is the session's, not the transaction's
+            while True:
+                acquired = bool(
+                    connection.execute(
+                        text("SELECT pg_try_advisory_lock(:id)"), {"id": key}
+                    ).scalar()
+                )
+                connection.commit()  # the lock is the session's, not the transaction's
+                if acquired or deadline is None:
+                    break
+                if time.monotonic() > deadline:
+                    raise _timed_out(name, wait_s)
+                time.sleep(_POLL_S)
         except SQLAlchemyError as exc:
-            raise CatalogError(
-                f"cannot take the re-validation lock on {mask_url(url)}: {exc}"
-            ) from exc
+            raise CatalogError(f"cannot take the lock {name!r} on {mask_url(url)}: {exc}") from exc
         try:
             yield acquired
         finally:
             with contextlib.suppress(SQLAlchemyError):
                 if acquired:
-                    connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": LOCK_ID})
+                    connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": key})
                     connection.commit()
             connection.close()  # ends the session, which releases the lock in any case
     finally:
@@ -89,18 +135,25 @@ def _advisory_lock(url: str) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[bool]:
+def _file_lock(path: Path, name: str, wait_s: float | None) -> Iterator[bool]:
     if fcntl is None:
-        log.warning("no file locks on this platform: re-validation runs are not serialised")
+        log.warning("no file locks on this platform: %s is not serialised", name)
         yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if wait_s is None else time.monotonic() + wait_s
     with path.open("ab") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is None:
+                    yield False
+                    return
+                if time.monotonic() > deadline:
+                    raise _timed_out(name, wait_s) from None
+                time.sleep(_POLL_S)
         try:
             yield True
         finally:

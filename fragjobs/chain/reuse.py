@@ -9,7 +9,7 @@ import torch
 from fragjobs.base_models import prompt_embedding
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS
-from fragjobs.chain.stored import rewrite_manifest
+from fragjobs.chain.stored import update_manifest
 from fragjobs.chain.validate_step import fragment_base, generation_config, quality
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import InvalidInputError
@@ -60,5 +60,5 @@ def measure_reuse(
         )
     pass_rate = round(sum(r["passed"] for r in rows) / len(rows), 6)
     reuse = manifest.reuse.model_copy(update={"pass_rate": pass_rate, "paraphrases": rows})
-    rewrite_manifest(ws, key, manifest.model_copy(update={"reuse": reuse}))
+    update_manifest(ws, key, {"reuse": reuse})
     return {"pass_rate": pass_rate, "n": len(rows), "rows": rows}

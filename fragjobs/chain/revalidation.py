@@ -2,7 +2,8 @@
 
 ``fragjobs revalidate`` runs :func:`revalidate` in-process; the farm runs the task
 ``fragjobs.revalidate`` on a celery beat schedule (``FRAGJOBS_REVALIDATE_INTERVAL_S``). For
-every fragment whose status is ``ready``:
+every fragment that is ``ready``, ``corrupt`` (a repaired one becomes usable again) or stuck
+``building`` (stored completely but never validated):
 
 1. every stored object (``manifest.json``, ``fragment.safetensors``) is read back from the
    store — never from a node's warm cache, never from a sha256 the store recorded as metadata
@@ -30,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fragjobs.catalog import FragmentEntity
@@ -51,8 +53,14 @@ from fragjobs.storage import ObjectStore
 
 log = logging.getLogger("fragjobs")
 
-CHECKED_STATUSES = ("ready", "corrupt", "failed_gate")
+CHECKED_STATUSES = ("ready", "corrupt", "failed_gate", "building")
 """Statuses a fragment named explicitly (``keys``) may have to be checked."""
+
+DEFAULT_STATUSES = ("ready", "corrupt", "building")
+"""Statuses checked by default: ready ones, corrupt ones (restored when their objects are whole
+again) and ``building`` ones that were stored completely but never validated (stuck)."""
+
+STUCK_AFTER_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,12 @@ def revalidate(
                 skipped="another re-validation of this catalog is running (it holds the lock)"
             )
         if wanted is None:
-            rows = ws.catalog.list_fragments(status="ready")
+            rows = [
+                row
+                for status in DEFAULT_STATUSES
+                for row in ws.catalog.list_fragments(status=status)
+                if status != "building" or _stuck(row)
+            ]
         else:
             rows = [ws.catalog.get_fragment(k) for k in wanted]
         report = RevalidationReport()
@@ -154,6 +167,10 @@ def _check_fragment(ws: Workspace, row: FragmentEntity, *, gate: bool) -> Fragme
         ws.catalog.set_fragment_status(row.key, "corrupt", reason)
         return FragmentCheck(row.key, "corrupt", False, None, None, reason)
     if not gate:
+        if row.status == "corrupt":  # whole again, but not validated: not usable yet
+            reason = "objects whole again; run the gate to make it ready"
+            ws.catalog.set_fragment_status(row.key, "building", reason)
+            return FragmentCheck(row.key, "building", True, None, None, reason)
         return FragmentCheck(row.key, row.status, True, None, None, row.status_reason)
     seeds = _stored_seeds(ws, row, manifest)
     try:
@@ -178,6 +195,12 @@ def _check_fragment(ws: Workspace, row: FragmentEntity, *, gate: bool) -> Fragme
         latest.id if latest is not None else None,
         after.status_reason,
     )
+
+
+def _stuck(row: FragmentEntity) -> bool:
+    """Stored completely but still ``building`` after :data:`STUCK_AFTER_S` (never validated)."""
+    age = (datetime.now(UTC) - row.created_at).total_seconds()
+    return row.manifest_sha256 is not None and age > STUCK_AFTER_S
 
 
 def _object_name(row: FragmentEntity, filename: str) -> str:

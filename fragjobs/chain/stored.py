@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fragjobs.catalog import FragmentEntity
+from fragjobs.chain.locks import write_lock
 from fragjobs.chain.workspaces import Workspace, warm_cache
 from fragjobs.errors import (
     FragmentIntegrityError,
@@ -20,11 +23,19 @@ def read_manifest(ws: Workspace, row: FragmentEntity) -> FragmentManifest:
     return FragmentManifest.from_bytes(data)
 
 
-def rewrite_manifest(ws: Workspace, key: str, manifest: FragmentManifest) -> None:
-    """Store ``manifest`` as the fragment's manifest and record its new sha256."""
-    data = manifest.to_bytes()
-    ws.store.put_bytes(fragment_object(manifest.base_model.name, key, MANIFEST_FILE), data)
-    ws.catalog.update_fragment(key, manifest_sha256=sha256_hex(data))
+def update_manifest(ws: Workspace, key: str, changes: dict[str, Any]) -> FragmentManifest:
+    """Change layers of fragment ``key``'s stored manifest; return the new manifest.
+
+    Read, change and write happen under the fragment's write lock, so two processes that
+    record, say, a validation and a measured performance both keep their change, and the
+    catalog's sha256 is always the stored manifest's.
+    """
+    with write_lock(ws, f"fragment:{key}"):
+        manifest = read_manifest(ws, ws.catalog.get_fragment(key)).model_copy(update=changes)
+        data = manifest.to_bytes()
+        ws.store.put_bytes(fragment_object(manifest.base_model.name, key, MANIFEST_FILE), data)
+        ws.catalog.update_fragment(key, manifest_sha256=sha256_hex(data))
+    return manifest
 
 
 def read_object(ws: Workspace, name: str, sha256: str | None) -> bytes:

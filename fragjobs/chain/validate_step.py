@@ -13,7 +13,7 @@ from fragjobs.base_models import LoadedBase
 from fragjobs.chain.bases import base_of
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS
-from fragjobs.chain.stored import rewrite_manifest
+from fragjobs.chain.stored import update_manifest
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import InvalidInputError
 from fragjobs.generation import GenerationConfig, generate_images, with_unet
@@ -100,8 +100,7 @@ def validate(
         gate=gate.model_dump(mode="json"),
         thresholds=thresholds.model_dump(mode="json"),
     )
-    manifest = manifest.model_copy(update={"quality": layer, "verified": gate.passed})
-    rewrite_manifest(ws, key, manifest)
+    manifest = update_manifest(ws, key, {"quality": layer, "verified": gate.passed})
     ws.catalog.add_validation(key, layer.model_dump(mode="json"), gate.passed)
     ws.catalog.set_fragment_status(
         key,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from fragjobs.catalog import Catalog
 from fragjobs.chain.state import STATE
 from fragjobs.config import Settings, get_settings
+from fragjobs.errors import ConfigError
 from fragjobs.storage import LocalStore, ObjectStore, WarmCache, open_store
 
 
@@ -19,12 +21,26 @@ class Workspace:
     store: ObjectStore
 
     @classmethod
-    def open(cls, settings: Settings | None = None) -> Workspace:
-        """The workspace of the settings; the embedded SQLite catalog is migrated on open."""
+    def open(
+        cls, settings: Settings | None = None, *, allow_missing_catalog: bool = False
+    ) -> Workspace:
+        """The workspace of the settings; the embedded SQLite catalog is migrated on open.
+
+        Raises:
+            ConfigError: the embedded catalog file is gone while the store still holds
+                fragments (a new, empty catalog would hide them): ``fragjobs db rebuild``.
+        """
         settings = settings or get_settings()
-        return cls(
-            settings, Catalog.open_embedded(settings), open_store(settings.resolved_storage_url)
-        )
+        store = open_store(settings.resolved_storage_url)
+        url = settings.resolved_database_url
+        if not allow_missing_catalog and url.startswith("sqlite:///"):
+            path = Path(url[len("sqlite:///") :])
+            if not path.exists() and store.list("fragments/"):
+                raise ConfigError(
+                    f"the catalog {path} is missing but the store {store.url} holds "
+                    "fragments: run `fragjobs db rebuild` to rebuild it from their manifests"
+                )
+        return cls(settings, Catalog.open_embedded(settings), store)
 
     def close(self) -> None:
         self.catalog.dispose()

@@ -67,6 +67,33 @@ def fragments_show(key):
     )
 
 
+@fragments.command("rm")
+@click.argument("key")
+@fail_cleanly
+def fragments_rm(key):
+    """Remove fragment KEY's objects and warm copies; its catalog row stays as a tombstone."""
+    from fragjobs.chain.maintenance import remove_fragment
+
+    remove_fragment(_workspace(), key)
+    click.echo(f"{key}: removed (status evicted; extract builds it again on demand)")
+
+
+@fragments.command("gc")
+@click.option("--stale-after", default=3600.0, show_default=True, help="Seconds.")
+@fail_cleanly
+def fragments_gc(stale_after):
+    """Remove fragments left building by a dead run, and store folders no row names."""
+    from fragjobs.chain.maintenance import collect_garbage
+
+    report = collect_garbage(_workspace(), stale_s=stale_after)
+    for key in report.stale_fragments:
+        click.echo(f"removed abandoned fragment {key}")
+    for folder in report.orphan_folders:
+        click.echo(f"removed orphan objects {folder}/")
+    total = len(report.stale_fragments) + len(report.orphan_folders)
+    click.echo(f"{total} item(s) removed", err=True)
+
+
 @click.group()
 def db() -> None:
     """Catalog database schema."""
@@ -86,15 +113,33 @@ def db_upgrade():
     click.echo(f"{mask_url(url)} at revision {revision}")
 
 
+@db.command("rebuild")
+@fail_cleanly
+def db_rebuild():
+    """Rebuild a lost catalog from the fragments' manifests in the store."""
+    from fragjobs.chain.maintenance import rebuild_catalog
+    from fragjobs.chain.workspaces import Workspace
+
+    ws = Workspace.open(allow_missing_catalog=True)
+    try:
+        report = rebuild_catalog(ws)
+    finally:
+        ws.close()
+    for name, reason in report.skipped.items():
+        click.echo(f"skipped {name}: {reason}", err=True)
+    click.echo(f"{len(report.fragments)} fragment(s), {len(report.profiles)} profile(s) recorded")
+
+
 @click.command("revalidate")
 @click.option("--key", "keys", multiple=True, help="Only this fragment (repeatable).")
 @click.option("--no-gate", is_flag=True, help="Only re-hash the stored objects.")
 def revalidate_command(keys: tuple[str, ...], no_gate: bool) -> None:
-    """Re-hash every ready fragment's stored objects and re-run its quality gate.
+    """Re-hash stored objects and re-run the quality gate (ready, corrupt, stuck fragments).
 
     Fragments whose objects do not match the catalog are marked corrupt, those that fail the
-    gate failed_gate. Exit status: 0 every checked fragment is ready, 1 some were marked,
-    3 another re-validation of this catalog is running (nothing was done).
+    gate failed_gate; a corrupt one whose objects are whole again becomes ready if it passes.
+    Exit status: 0 every checked fragment is ready, 1 some were marked, 3 another
+    re-validation of this catalog is running (nothing was done).
     """
     from fragjobs.chain.revalidation import revalidate
 

@@ -54,11 +54,12 @@ def start(gpus: str | None, cpu_workers: int | None, node: str | None, loglevel:
 @fail_cleanly
 def status(timeout: float) -> None:
     """List the workers that reply: queues, running tasks and warm fragments; queue lengths."""
+    from fragjobs.config import load_settings
     from fragjobs.farm.client import Farm
     from fragjobs.farm.registry import WarmRegistry
     from fragjobs.farm.settings import FarmSettings
 
-    settings = FarmSettings()
+    settings = load_settings(FarmSettings)
     with Farm(settings) as client:
         inspect = client.app.control.inspect(timeout=timeout)
         queues = inspect.active_queues() or {}
@@ -146,7 +147,7 @@ def run_on_farm(
         with tqdm(total=knobs.variants, unit="img", desc="farm", file=sys.stderr) as bar:
             while True:
                 progress = job.progress()
-                bar.update(progress["images_done"] - bar.n)
+                bar.update(max(0, progress["images_done"] - bar.n))
                 stage = next(
                     (n for n, s in progress["stages"].items() if s not in ("SUCCESS",)), None
                 )
@@ -201,12 +202,13 @@ def flower(port: int, address: str) -> None:
     Tasks are listed with their names, readable arguments and PROGRESS (step/total); the
     same as ``FLOWER_BASIC_AUTH=user:pw celery -A tasks.app flower``.
     """
+    from fragjobs.config import load_settings
     from fragjobs.errors import ConfigError
     from fragjobs.farm.flower import flower_command, flower_env
     from fragjobs.farm.settings import FarmSettings
 
     try:
-        env = flower_env(FarmSettings())
+        env = flower_env(load_settings(FarmSettings))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     command = flower_command(port, address)

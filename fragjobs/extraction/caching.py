@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from fragjobs.config import DEFAULT_FIDELITY
 from fragjobs.errors import InvalidInputError
 from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
 from fragjobs.keys import check_fraction, check_int
@@ -88,7 +89,7 @@ class BlockCachingConfig:
     deltas: tuple[float, ...] = (0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0)
     shallow_deltas: tuple[float | None, ...] = (None, 0.15, 0.25, 0.4, 0.6, 1.0)
     warmup: float = 0.2
-    min_ssim: float = 0.9
+    min_ssim: float = DEFAULT_FIDELITY
     max_trials: int = 8
     cost_tolerance: float = 0.01
 

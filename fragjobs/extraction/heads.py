@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fragjobs.config import DEFAULT_THRESHOLD
 from fragjobs.errors import InvalidInputError
 from fragjobs.extraction.edits import new_linear, record_edit, refuse_removal
 from fragjobs.extraction.fidelity import profiling_generation, seed_ssim
@@ -53,7 +54,7 @@ class HeadSelectionConfig:
         guard_steps: kept fractions tried between ``threshold`` and 1.0 by the guard.
     """
 
-    threshold: float = 0.75
+    threshold: float = DEFAULT_THRESHOLD
     min_heads_per_layer: int = 1
     rank_margin: float = 0.25
     min_ssim: float | None = None

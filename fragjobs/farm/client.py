@@ -145,6 +145,21 @@ class FarmJob:
             "images_total"}``; ``state`` is FAILURE if any task failed, SUCCESS when every
             batch finished, PROGRESS once any task started, else PENDING.
         """
+        try:
+            return self._progress()
+        except _broker_errors() as exc:
+            log.warning("result backend unreachable (%s)", exc)
+            total = sum(len(b.seeds) for b in self.batches)
+            return {
+                "state": "UNKNOWN",
+                "stages": dict.fromkeys(self.stage_task_ids, "UNKNOWN"),
+                "batches": [],
+                "images_done": 0,
+                "images_total": total,
+                "error": str(exc),
+            }
+
+    def _progress(self) -> dict[str, Any]:
         stages = {name: self._result(tid).state for name, tid in self.stage_task_ids.items()}
         batches = []
         for batch in self.batches:
@@ -193,11 +208,15 @@ class FarmJob:
         task_ids = [*self.stage_task_ids.values(), *(b.task_id for b in self.batches)]
         while True:
             # Results are read by polling their state: .get() would subscribe to the result
-            # backend's pub/sub channels for every task.
-            for task_id in task_ids:
-                self._result(task_id).maybe_throw()
-            if all(self._result(b.task_id).successful() for b in self.batches):
-                break
+            # backend's pub/sub channels for every task. A broker restart is ridden out:
+            # the states are read again until the deadline.
+            try:
+                for task_id in task_ids:
+                    self._result(task_id).maybe_throw()
+                if all(self._result(b.task_id).successful() for b in self.batches):
+                    break
+            except _broker_errors() as exc:
+                log.warning("result backend unreachable (%s): waiting for it", exc)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(
                     f"farm job {self.job_ids} not finished after {timeout} s: {self.progress()}"
@@ -228,6 +247,15 @@ class FarmJob:
 
     def _result(self, task_id: str) -> Any:
         return self.farm.app.AsyncResult(task_id)
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    """What a lost broker or result backend raises (Redis, kombu, sockets)."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (OperationalError, RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
 class Farm:

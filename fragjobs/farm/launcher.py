@@ -9,8 +9,9 @@ too, so a CPU-only machine can serve the same chain.
 
 This launcher never imports torch or celery: CUDA is initialised only in the pool processes,
 after fork. SIGTERM and SIGINT are forwarded to the workers as SIGTERM (warm shutdown: each
-finishes its running task). When a worker exits on its own, the others are stopped and the
-launcher exits non-zero, so a supervisor restarts the whole node.
+finishes its running task). When a worker exits on its own, the
+launcher starts it again (its siblings keep running); a worker that keeps dying stops the
+node, which exits non-zero for a supervisor to see.
 """
 
 from __future__ import annotations
@@ -140,15 +141,24 @@ def project_root() -> Path | None:
     return root if (root / "celeryconfig.py").is_file() else None
 
 
-def run_workers(specs: Sequence[WorkerSpec], loglevel: str = "info") -> int:
-    """Start one worker subprocess per spec and wait for them; return the exit status.
+RESTART_LIMIT = 5
+"""Restarts of one worker within :data:`RESTART_WINDOW_S` before the node gives up."""
+RESTART_WINDOW_S = 300.0
 
-    SIGTERM/SIGINT received here are forwarded as SIGTERM. If a worker exits while no
-    shutdown was asked for, the others are stopped too. The status is 0 after a requested
-    shutdown in which every worker exited cleanly, else the first non-zero worker status
-    (128 + signal number for a worker killed by a signal).
+
+def run_workers(specs: Sequence[WorkerSpec], loglevel: str = "info") -> int:
+    """Start one worker subprocess per spec, keep them running; return the exit status.
+
+    SIGTERM/SIGINT received here are forwarded as SIGTERM (warm shutdown). A worker that
+    exits while no shutdown was asked for (killed, crashed) is started again, with the same
+    hostname and queues, without touching its siblings; one that needs more than
+    :data:`RESTART_LIMIT` restarts within :data:`RESTART_WINDOW_S` seconds is left down and
+    the node stops (a supervisor should look). The status is 0 after a requested shutdown in
+    which every worker exited cleanly, else the first non-zero worker status (128 + signal
+    number for a worker killed by a signal).
     """
     processes: list[subprocess.Popen] = []
+    restarts: list[list[float]] = [[] for _ in specs]
     stopping = False
 
     def stop_all(*_: object) -> None:
@@ -158,15 +168,33 @@ def run_workers(specs: Sequence[WorkerSpec], loglevel: str = "info") -> int:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
+    def start(spec: WorkerSpec) -> subprocess.Popen:
+        return subprocess.Popen(worker_command(spec, loglevel), env=worker_env(spec))
+
     previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for spec in specs:
-            processes.append(subprocess.Popen(worker_command(spec, loglevel), env=worker_env(spec)))
+        processes.extend(start(spec) for spec in specs)
         while any(p.poll() is None for p in processes):
-            if not stopping and any(p.poll() is not None for p in processes):
-                exited = [s.hostname for s, p in zip(specs, processes, strict=True) if p.poll()]
-                print(f"worker(s) {exited or 'unknown'} exited: stopping the node", file=sys.stderr)
-                stop_all()
+            for i, (spec, process) in enumerate(zip(specs, processes, strict=True)):
+                if stopping or process.poll() is None:
+                    continue
+                now = time.monotonic()
+                restarts[i] = [t for t in restarts[i] if now - t < RESTART_WINDOW_S]
+                if len(restarts[i]) >= RESTART_LIMIT:
+                    print(
+                        f"worker {spec.hostname} exited {len(restarts[i]) + 1} times within "
+                        f"{RESTART_WINDOW_S:.0f} s: stopping the node",
+                        file=sys.stderr,
+                    )
+                    stop_all()
+                    break
+                print(
+                    f"worker {spec.hostname} exited with status {_status(process.returncode)}:"
+                    " starting it again",
+                    file=sys.stderr,
+                )
+                restarts[i].append(now)
+                processes[i] = start(spec)
             time.sleep(_POLL_S)
     finally:
         for sig, handler in previous.items():

@@ -125,6 +125,16 @@ class WarmCache:
         validate_object_name(name)
         return self._path(store, name, _check_sha256(expected_sha256)).is_file()
 
+    def discard(self, store: ObjectStore, name: str, expected_sha256: str) -> bool:
+        """Drop the entry of this object if it is cached; return whether it was."""
+        validate_object_name(name)
+        path = self._path(store, name, _check_sha256(expected_sha256))
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def total_bytes(self) -> int:
         """The bytes the cached entries occupy now (all processes sharing the folder)."""
         return sum(size for _, _, size in self._entries())

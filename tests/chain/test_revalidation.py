@@ -84,7 +84,8 @@ def test_restored_fragment_named_explicitly_becomes_ready_again(ws, ready_fragme
     good = ws.store.get_bytes(name)
     ws.store.put_bytes(name, b"broken")
     assert revalidate(ws).checks[0].status == "corrupt"
-    assert revalidate(ws).checks == []  # only ready fragments are checked by default
+    [again] = revalidate(ws).checks  # corrupt ones are checked too, and stay corrupt
+    assert (again.status, again.objects_ok) == ("corrupt", False)
 
     ws.store.put_bytes(name, good)
     [check] = revalidate(ws, keys=[key]).checks
