@@ -22,6 +22,7 @@ DOMAIN = (
     "fragjobs.config",
     "fragjobs.errors",
     "fragjobs.keys",
+    "fragjobs.logging_setup",
     "fragjobs.base_models",
     "fragjobs.builtin",
     "fragjobs.profiling",

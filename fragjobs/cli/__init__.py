@@ -15,28 +15,27 @@ torch or diffusers.
 
 from __future__ import annotations
 
-import logging
-import os
-
 import click
 
 from fragjobs.cli import catalog_commands, chain_commands, farm_commands
+from fragjobs.logging_setup import configure_logging
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def main(verbose: bool) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="-v: fragjobs' debug messages; -vv: every library's too. Credentials are masked.",
+)
+def main(verbose: int) -> None:
     """fragjobs: prompt-specialised fragments of diffusers models, and seed variants with them.
 
     Runs embedded by default (SQLite catalog and a local store under ~/.fragjobs, or
     FRAGJOBS_DATA_DIR); set FRAGJOBS_DATABASE_URL / FRAGJOBS_STORAGE_URL for shared ones.
+    A .env file is read only from the path in FRAGJOBS_ENV_FILE.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
-    if not verbose:  # both libraries read these when first imported (below, lazily)
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    configure_logging(verbose)
 
 
 for _module in (chain_commands, catalog_commands, farm_commands):
