@@ -20,6 +20,8 @@ import sys
 from typing import Any
 
 from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -32,6 +34,7 @@ from fragjobs.catalog import Catalog
 from fragjobs.errors import CatalogError
 from fragjobs.farm.registry import WarmRegistry
 from fragjobs.farm.settings import SHARED_QUEUE
+from fragjobs.logging_setup import install_redaction
 
 log = logging.getLogger("fragjobs.tasks")
 
@@ -39,6 +42,13 @@ EXIT_CATALOG_UNUSABLE = 3
 
 _identity: dict[str, Any] = {"hostname": None, "queue": None, "app": None}
 _registry: list[WarmRegistry | None] = []
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def mask_credentials(logger: Any = None, **_: Any) -> None:
+    """Mask credentials (URLs with passwords, S3 signatures) in the worker's log lines."""
+    install_redaction(logger)
 
 
 @worker_init.connect

@@ -34,7 +34,16 @@ def farm() -> None:
 @click.option("--loglevel", default="info", show_default=True)
 def start(gpus: str | None, cpu_workers: int | None, node: str | None, loglevel: str) -> None:
     """Run this node's workers in the foreground until SIGTERM/Ctrl-C."""
+    from fragjobs.config import load_settings
+    from fragjobs.errors import ConfigError
     from fragjobs.farm import launcher
+    from fragjobs.farm.settings import FarmSettings
+
+    try:
+        load_settings(FarmSettings)  # a bad or placeholder setting stops the node here
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
     try:
         specs = launcher.worker_specs(
