@@ -451,3 +451,11 @@ def test_lineage_follows_the_foreign_keys(catalog: Catalog, db_url: str) -> None
     assert len(catalog.list_images("job-a")) == 2
     with pytest.raises(NotFoundError):
         catalog.lineage(KEY)
+
+
+def test_head_revision_read_from_the_files_is_alembics_head() -> None:
+    """The head is read without importing alembic; it must be the one alembic computes."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(catalog_module._alembic_config())
+    assert catalog_module.head_revision() == script.get_current_head()
