@@ -79,6 +79,7 @@ def load_base(
     if not isinstance(model, str) or not model.strip():
         raise InvalidInputError(f"model must be a non-empty string, got {model!r}")
     model = model.strip()
+    _quiet_loading_bars()
     if model in BUILTINS:
         spec = BUILTINS[model]
         pipe = spec.build()
@@ -112,6 +113,17 @@ def load_base(
         pipe = pipe.to(dtype=dtype)
     setattr(pipe, _BASE_ATTR, info)
     return LoadedBase(pipe, info)
+
+
+def _quiet_loading_bars() -> None:
+    """Diffusers' "Loading pipeline components" bar follows HF_HUB_DISABLE_PROGRESS_BARS,
+    as transformers' and the hub's bars do (the command line sets it unless -v)."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
 
 
 def model_source(source: str, name: str) -> str:

@@ -13,16 +13,34 @@ import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
 from fragjobs.errors import FragmentIntegrityError, ManifestError
-from fragjobs.keys import sha256_hex, validate_key
+from fragjobs.keys import FRAGMENT_FILE, sha256_hex, validate_key
+
+_MIB = 2**20
 
 SCHEMA_VERSION = 1
 
 
 class _Layer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_seed_names(cls, data: Any) -> Any:
+        """The seed's names are derived on output: ignore them on input."""
+        if isinstance(data, dict) and cls.model_computed_fields:
+            return {k: v for k, v in data.items() if k not in cls.model_computed_fields}
+        return data
 
 
 class BaseModelLayer(_Layer):
@@ -62,6 +80,30 @@ class PruningLayer(_Layer):
     params_before: int
     params_after: int
 
+    @computed_field
+    @property
+    def head_retention_ratio(self) -> float:
+        """Seed name: fraction of attention heads kept."""
+        return round(self.heads_kept / self.heads_total, 6) if self.heads_total else 1.0
+
+    @computed_field
+    @property
+    def removed(self) -> int:
+        """Seed name: number of attention heads physically removed."""
+        return self.heads_total - self.heads_kept
+
+    @computed_field
+    @property
+    def strategy(self) -> str:
+        """Seed name: how heads were chosen (global score quantile, fidelity guard or not)."""
+        return "global_score_quantile" + ("+fidelity_guard" if self.min_ssim is not None else "")
+
+    @computed_field
+    @property
+    def safety_margin_heads(self) -> int:
+        """Seed name: heads every attention module keeps whatever their scores."""
+        return self.min_heads_per_layer
+
 
 class LowRankLayer(_Layer):
     energy: float
@@ -88,6 +130,30 @@ class QualityLayer(_Layer):
     gate: dict[str, Any]
     thresholds: dict[str, Any]
 
+    @computed_field
+    @property
+    def clip_delta_mean(self) -> float | None:
+        """Seed name: mean CLIP-score drop (``metrics.clip_delta``)."""
+        return self.metrics.get("clip_delta")
+
+    @computed_field
+    @property
+    def lpips_mean(self) -> float | None:
+        """Seed name: mean LPIPS (``metrics.lpips``)."""
+        return self.metrics.get("lpips")
+
+    @computed_field
+    @property
+    def samples(self) -> int:
+        """Seed name: images compared (one per validation seed)."""
+        return len(self.seeds)
+
+    @computed_field
+    @property
+    def thresholds_passed(self) -> bool | None:
+        """Seed name: whether the gate passed (``gate.passed``)."""
+        return self.gate.get("passed")
+
 
 class PerformanceLayer(_Layer):
     device: str
@@ -96,6 +162,36 @@ class PerformanceLayer(_Layer):
     measured_latency_full_ms: float | None
     measured_latency_fragment_ms: float | None
     measured_speedup: float | None
+    # peak memory of one batch, measured in a fresh process per model (memory_kind says how)
+    memory_kind: str | None = None
+    measured_peak_full_bytes: int | None = None
+    measured_peak_fragment_bytes: int | None = None
+
+    @computed_field
+    @property
+    def peak_vram_full_mb(self) -> float | None:
+        """Seed name: the full model's measured peak (MiB; of ``memory_kind``)."""
+        peak = self.measured_peak_full_bytes
+        return None if peak is None else round(peak / _MIB, 1)
+
+    @computed_field
+    @property
+    def peak_vram_fragment_mb(self) -> float | None:
+        """Seed name: the fragment's measured peak (MiB; of ``memory_kind``)."""
+        peak = self.measured_peak_fragment_bytes
+        return None if peak is None else round(peak / _MIB, 1)
+
+    @computed_field
+    @property
+    def latency_full_ms(self) -> float | None:
+        """Seed name: ``measured_latency_full_ms``."""
+        return self.measured_latency_full_ms
+
+    @computed_field
+    @property
+    def latency_fragment_ms(self) -> float | None:
+        """Seed name: ``measured_latency_fragment_ms``."""
+        return self.measured_latency_fragment_ms
 
 
 class ReuseLayer(_Layer):
@@ -107,6 +203,18 @@ class ReuseLayer(_Layer):
     pass_rate: float | None = None
     paraphrases: list[dict[str, Any]] = Field(default_factory=list)
 
+    @computed_field
+    @property
+    def paraphrase_pass_rate(self) -> float | None:
+        """Seed name: ``pass_rate``."""
+        return self.pass_rate
+
+    @computed_field
+    @property
+    def similarity_metric(self) -> str:
+        """Seed name: ``similarity``."""
+        return self.similarity
+
 
 class ArtifactFile(_Layer):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -115,6 +223,13 @@ class ArtifactFile(_Layer):
 
 class ArtifactsLayer(_Layer):
     files: dict[str, ArtifactFile]
+
+    @computed_field
+    @property
+    def hashes(self) -> dict[str, str | None]:
+        """Seed name: ``{"fragment_state_sha256": <sha256 of fragment.safetensors>}``."""
+        entry = self.files.get(FRAGMENT_FILE)
+        return {"fragment_state_sha256": entry.sha256 if entry else None}
 
 
 class DynamicRoutingLayer(_Layer):

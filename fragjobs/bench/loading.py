@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,23 +16,12 @@ def load_for_bench(
     """The model (in a throwaway data folder) and the generation settings every method shares.
 
     Square images of ``size`` (default: the model's own), ``steps`` (default: the model's),
-    the model's guidance scale.
+    the model's guidance scale: :func:`fragjobs.generation.memory_probe.load_for_probe`, so
+    that the benchmark and its memory probe load alike.
     """
-    from fragjobs.base_models import load_base
-    from fragjobs.generation import GenerationConfig
+    from fragjobs.generation.memory_probe import load_for_probe
 
-    with tempfile.TemporaryDirectory() as data_dir:
-        loaded = load_base(model, settings=Settings(data_dir=Path(data_dir)))
-    info = loaded.info
-    side = size or info.height
-    gen = GenerationConfig(
-        steps=steps or info.default_steps,
-        guidance_scale=info.default_guidance,
-        height=side,
-        width=side,
-        batch_size=batch_size,
-    )
-    return loaded, gen
+    return load_for_probe(model, size=size, steps=steps, batch_size=batch_size)
 
 
 @contextlib.contextmanager

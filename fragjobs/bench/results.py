@@ -5,8 +5,10 @@ with paraphrases of the prompt for H3, and tests the seed's central claim — th
 own* profile is what makes a fragment good — by pruning the same number of heads chosen from
 (a) the prompt's own profile, (b) another prompt's profile, (c) a model-level profile (head
 scores averaged over all prompts) and (d) random scores, then comparing each with the full
-model on the same seeds (SSIM). Writes ``docs/results.md``, ``docs/results.json`` and the
-side-by-side images under ``docs/results/``.
+model on the same seeds (SSIM). Writes ``docs/results.md``, ``docs/results.json``,
+``docs/results.html`` (the reports' index page with trend plots and the ablation) and one
+report folder per prompt under ``docs/results/`` (the same report builder as ``fragjobs
+run``: metrics, plots, images, ``index.html``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import torch
 from fragjobs import chain
 from fragjobs.extraction import HeadPruningConfig, apply_head_pruning_
 from fragjobs.generation import GenerationConfig, generate_images, with_unet
+from fragjobs.reports.folders import read_report
+from fragjobs.reports.html import write_index_page
 from fragjobs.validation import compute_quality
 
 PROMPTS = (
@@ -146,24 +149,24 @@ def build_results(
     """Run every prompt and the ablation; write results.md/json and images under ``out``."""
     ws = chain.workspace()
     started = time.perf_counter()
-    runs, profiles = [], {}
-    for i, prompt in enumerate(prompts):
-        folder = out / "results" / f"{i:02d}"
+    runs, profiles, reports = [], {}, []
+    reports_root = out / "results"
+    for prompt in prompts:
         report = chain.run(
             prompt,
             model=model,
             variants=variants,
-            out_dir=folder,
+            out_dir=reports_root,
             paraphrases=paraphrases_of(prompt),
             ws=ws,
             progress=False,
         )
+        reports.append(read_report(report.out_dir))
         profiles[prompt] = chain.profile(prompt, model=model, ws=ws, progress=False).profile
-        shutil.rmtree(folder / "images", ignore_errors=True)
         runs.append(
             {
                 "prompt": prompt,
-                "folder": folder.relative_to(out).as_posix(),
+                "folder": report.out_dir.relative_to(out).as_posix(),
                 "key": report.key,
                 "passed": report.passed,
                 "hypotheses": report.summary["hypotheses"],
@@ -188,7 +191,28 @@ def build_results(
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     (out / "results.md").write_text(render_markdown(results))
+    write_index_page(
+        reports_root,
+        reports=reports,
+        title=f"fragjobs results on {model}",
+        sections=[ablation_section(results)],
+        out=out / "results.html",
+    )
     return results
+
+
+def ablation_section(results: dict[str, Any]) -> dict[str, Any]:
+    """The profile ablation as a table of the HTML page."""
+    return {
+        "title": "Does a prompt's own profile make the better fragment?",
+        "text": f"Same number of heads kept ({results['ablation'][0]['heads_kept']}), chosen from "
+        f"each score; SSIM against the full model on seeds {list(ABLATION_SEEDS)} (pruning only).",
+        "columns": ["prompt", "own profile", "another prompt's", "model-level", "random"],
+        "rows": [
+            [r["prompt"], r["own"], r["other"], r["model_level"], r["random"]]
+            for r in results["ablation"]
+        ],
+    }
 
 
 def _value(h: dict[str, Any], key: str) -> str:

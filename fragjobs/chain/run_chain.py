@@ -1,16 +1,27 @@
-"""The whole chain with a report: profile → extract + validate (ladder) → measure → generate."""
+"""The whole chain with a report: profile → extract + validate (ladder) → measure → generate.
+
+Every run writes a report folder ``<reports root>/YYYY-MM-DD_HHMM[-n]/``
+(:mod:`fragjobs.reports.builder`); the root is ``<data dir>/reports`` unless given.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import platform
+import statistics
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from fragjobs.base_models import LoadedBase, model_source
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment, record_performance
 from fragjobs.chain.generate_step import GenerationResult, generate
 from fragjobs.chain.knobs import ChainKnobs
@@ -20,43 +31,60 @@ from fragjobs.chain.reuse import measure_reuse
 from fragjobs.chain.stored import read_manifest
 from fragjobs.chain.validate_step import fragment_base, generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
-from fragjobs.generation import measure_latency_ms, memory_report, with_unet
-from fragjobs.keys import generation_object, normalise_prompt
-from fragjobs.manifest import PerformanceLayer
-from fragjobs.reports import build_metrics_summary, save_compare_image
+from fragjobs.errors import FragjobsError
+from fragjobs.generation import GenerationConfig, latency_samples_ms, memory_report, with_unet
+from fragjobs.generation.memory_probe import measure as probe_memory
+from fragjobs.generation.memory_probe import peak_figure
+from fragjobs.keys import (
+    FRAGMENT_FILE,
+    MANIFEST_FILE,
+    fragment_object,
+    generation_object,
+    normalise_prompt,
+)
+from fragjobs.manifest import FragmentManifest, PerformanceLayer
+from fragjobs.reports import (
+    RunData,
+    build_metrics_summary,
+    default_reports_root,
+    read_report,
+    write_run_report,
+)
 from fragjobs.validation import load_thresholds
-
-DEFAULT_OUT_DIR = "fragjobs-out"
 
 
 @dataclass
 class RunReport:
-    """What ``run`` wrote into its output folder."""
+    """What ``run`` did: its report folder (``out_dir``), the fragment and where it is stored."""
 
     out_dir: Path
     key: str
     passed: bool
     summary: dict[str, Any]
     generation: GenerationResult
+    stored_at: str
 
 
 def run(
     prompt: str,
     knobs: ChainKnobs | None = None,
     *,
-    out_dir: Path | str = DEFAULT_OUT_DIR,
+    out_dir: Path | str | None = None,
     ws: Workspace | None = None,
     progress: bool = True,
+    measure_memory: bool = True,
     **knob_values: Any,
 ) -> RunReport:
-    """Profile, extract, validate, measure and generate; write the run's report files.
+    """Profile, extract, validate, measure and generate; write the run's report folder.
 
     ``knobs`` (or the same knobs as keyword arguments: ``model=``, ``variants=``,
     ``threshold=``, ``fidelity=``, ``caching=``, ...; see :class:`ChainKnobs`) say what to
-    do; whatever is not given comes from the settings. ``out_dir`` receives
-    ``fragment_manifest.json``, ``head_importance.json``, ``metrics_summary.json``,
-    ``images/<seed>.png`` and ``compare.png``. H4 and H5 use timings measured in this run
-    (full vs fragment, same steps, same batch, warm).
+    do; whatever is not given comes from the settings. ``out_dir`` is the reports root
+    (default ``<data dir>/reports``): the run writes a new ``YYYY-MM-DD_HHMM[-n]/`` folder
+    in it (:mod:`fragjobs.reports.builder` lists its files). H4 and H5 use timings measured
+    in this run (full vs fragment, same steps, same batch, warm); H2 uses the peak memory of
+    one batch, each model in a fresh process (``measure_memory=False``: not measured, H2
+    UNAVAILABLE).
 
     Raises:
         InvalidInputError: a bad prompt or knob (nothing is written).
@@ -67,7 +95,7 @@ def run(
         knobs = ChainKnobs.from_settings(ws.settings, **knob_values)
     elif knob_values:
         knobs = knobs.replace(**knob_values)
-    out = Path(out_dir)
+    root = Path(out_dir) if out_dir is not None else default_reports_root(ws.settings)
     model = knobs.model
 
     t0 = time.perf_counter()
@@ -80,14 +108,15 @@ def run(
         progress=progress,
     )
     t1 = time.perf_counter()
-    ext, val, attempts = extract_and_validate(
-        prof.profile_id,
-        knobs.extraction_config(),
-        seeds=knobs.validation_seeds,
-        ws=ws,
-        model=model,
-        progress=progress,
-    )
+    with _working("extract + validate (gate ladder)", progress):
+        ext, val, attempts = extract_and_validate(
+            prof.profile_id,
+            knobs.extraction_config(),
+            seeds=knobs.validation_seeds,
+            ws=ws,
+            model=model,
+            progress=progress,
+        )
     t2 = t1 + sum(a["extract_s"] for a in attempts)
     t3 = t2 + sum(a["validate_s"] for a in attempts)
 
@@ -95,9 +124,25 @@ def run(
     fragment = load_stored_fragment(ext.key, ws)
     frag_unet = fragment_unet(loaded, fragment)
     gen = generation_config(fragment.manifest, batch_size=min(knobs.batch_size, knobs.variants))
-    latency_full = measure_latency_ms(loaded.pipe, prompt, gen)
-    latency_frag = measure_latency_ms(with_unet(loaded.pipe, frag_unet), prompt, gen)
+    with _working(
+        "measure latency: full model and each fragment", progress, len(attempts) + 1
+    ) as bar:
+        full_ms = latency_samples_ms(loaded.pipe, prompt, gen)
+        bar.update(1)
+        frag_ms = latency_samples_ms(with_unet(loaded.pipe, frag_unet), prompt, gen)
+        bar.update(1)
+        for attempt in attempts[:-1]:
+            attempt["speedup"] = _speedup_of(ws, loaded, attempt["key"], prompt, gen, full_ms)
+            bar.update(1)
+    latency_full, latency_frag = statistics.median(full_ms), statistics.median(frag_ms)
+    attempts[-1]["speedup"] = round(latency_full / latency_frag, 4)
     device = f"{loaded.pipe.device.type}: {_device_name(loaded.pipe.device)}"
+    memory = memory_report(loaded.pipe.unet, frag_unet)
+    if measure_memory:
+        with _working("measure memory: one batch per model in a fresh process", progress, 2) as bar:
+            memory.update(_probe_peaks(ws, loaded, fragment.manifest, prompt, gen, bar))
+    else:
+        memory["peak_reason"] = "memory not measured in this run (measure_memory=False)"
     performance = PerformanceLayer(
         device=device,
         steps=gen.steps,
@@ -105,11 +150,18 @@ def run(
         measured_latency_full_ms=round(latency_full, 3),
         measured_latency_fragment_ms=round(latency_frag, 3),
         measured_speedup=round(latency_full / latency_frag, 4),
+        memory_kind=memory.get("peak_kind"),
+        measured_peak_full_bytes=memory.get("peak_full_bytes"),
+        measured_peak_fragment_bytes=memory.get("peak_fragment_bytes"),
     )
     record_performance(ext.key, performance, ws)
     paraphrases = list(knobs.paraphrases)
-    reuse = measure_reuse(ext.key, paraphrases, ws=ws) if paraphrases else None
-    manifest = read_manifest(ws, ws.catalog.get_fragment(ext.key))
+    reuse = None
+    if paraphrases:
+        with _working(f"reuse: gate on {len(paraphrases)} paraphrase(s)", progress):
+            reuse = measure_reuse(ext.key, paraphrases, ws=ws)
+    row = ws.catalog.get_fragment(ext.key)
+    manifest = read_manifest(ws, row)
 
     result = generate(
         prompt,
@@ -128,6 +180,9 @@ def run(
         performance={
             "latency_full_ms": latency_full,
             "latency_fragment_ms": latency_frag,
+            "latency_full_ms_range": [min(full_ms), max(full_ms)],
+            "latency_fragment_ms_range": [min(frag_ms), max(frag_ms)],
+            "latency_repeats": len(full_ms),
             "batch_size": gen.batch_size,
             "steps": gen.steps,
             "overhead_s": (t1 - t0) + (t2 - t1) + (t3 - t2),
@@ -138,7 +193,7 @@ def run(
             "profile_reused": prof.reused,
             "fragment_reused": ext.reused,
         },
-        memory=memory_report(loaded.pipe.unet, frag_unet),
+        memory=memory,
         reuse=reuse,
         model=loaded.info.name,
         prompt=prompt.strip(),
@@ -151,27 +206,104 @@ def run(
         "fallback_reason": result.fallback_reason,
         "job_id": result.job_id,
         "attempts": attempts,
+        "stored_at": row.storage_uri,
     }
     summary["knobs"] = knobs.to_json()
+    notes = []
+    if result.used_fallback:
+        notes.append(f"variants generated with the full model: {result.fallback_reason}")
+    if not manifest.verified:
+        notes.append("the fragment failed its quality gate: manifest says verified: false")
+    images = {
+        seed: ws.store.get_bytes(generation_object(result.job_id, f"{seed}.png"))
+        for seed in result.seeds
+    }
+    with _working("report: files, plots, regression diff, index.html", progress):
+        folder = write_run_report(
+            root,
+            RunData(
+                summary=summary,
+                manifest=manifest,
+                head_importance=prof.profile.importance_document(),
+                profile=prof.profile,
+                profile_id=prof.profile_id,
+                images=images,
+                compare=(val.full_images, val.fragment_images, val.seeds),
+                notes=notes,
+            ),
+            thresholds,
+            thresholds_source=str(ws.settings.thresholds_path or "packaged thresholds.yaml"),
+        )
+    written = read_report(folder).summary
+    return RunReport(folder, ext.key, val.passed, written, result, row.storage_uri)
 
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "fragment_manifest.json").write_bytes(manifest.to_bytes())
-    doc = prof.profile.importance_document()
-    (out / "head_importance.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
-    (out / "metrics_summary.json").write_text(
-        json.dumps(summary, indent=2, sort_keys=True, allow_nan=False)
-    )
-    for seed in result.seeds:
-        name = generation_object(result.job_id, f"{seed}.png")
-        (out / "images" / f"{seed}.png").write_bytes(ws.store.get_bytes(name))
-    save_compare_image(
-        val.full_images,
-        val.fragment_images,
-        val.seeds,
-        out / "compare.png",
-        title=f"{loaded.info.name}: {prompt.strip()}",
-    )
-    return RunReport(out, ext.key, val.passed, summary, result)
+
+def _speedup_of(
+    ws: Workspace, loaded: LoadedBase, key: str, prompt: str, gen: GenerationConfig, full_ms
+) -> float:
+    """Measured speed-up of another fragment of the ladder against the same full latency."""
+    unet = fragment_unet(loaded, load_stored_fragment(key, ws))
+    frag_ms = latency_samples_ms(with_unet(loaded.pipe, unet), prompt, gen)
+    return round(statistics.median(full_ms) / statistics.median(frag_ms), 4)
+
+
+def _probe_peaks(
+    ws: Workspace,
+    loaded: LoadedBase,
+    manifest: FragmentManifest,
+    prompt: str,
+    gen: GenerationConfig,
+    bar: Any,
+) -> dict[str, Any]:
+    """Peak memory of one batch of the full model and of the fragment, each in a fresh
+    process (:mod:`fragjobs.generation.memory_probe`); on failure, the reason instead."""
+    common = {
+        "prompt": prompt,
+        "steps": gen.steps,
+        "size": gen.height if gen.height == gen.width else None,
+        "batch_size": gen.batch_size,
+        "data_dir": ws.settings.data_dir,
+        "device": ws.settings.device,
+    }
+    source = model_source(loaded.info.source, loaded.info.name)
+    try:
+        full = probe_memory(source, **common)
+        bar.update(1)
+        with tempfile.TemporaryDirectory(prefix="fragjobs-probe-") as folder:
+            for filename in (FRAGMENT_FILE, MANIFEST_FILE):
+                name = fragment_object(manifest.base_model.name, manifest.key, filename)
+                (Path(folder) / filename).write_bytes(ws.store.get_bytes(name))
+            frag = probe_memory(source, fragment_dir=Path(folder), **common)
+        bar.update(1)
+    except FragjobsError as exc:
+        return {"peak_reason": f"memory probe failed: {exc}"}
+    (peak_full, kind), (peak_frag, _) = peak_figure(full), peak_figure(frag)
+    return {"peak_full_bytes": peak_full, "peak_fragment_bytes": peak_frag, "peak_kind": kind}
+
+
+@contextlib.contextmanager
+def _working(desc: str, enabled: bool, total: int | None = None) -> Iterator[Any]:
+    """A progress bar for a step that reports no progress of its own: it says what is being
+    done and how long it has taken, with a count when ``total``. On a terminal the elapsed
+    time is refreshed every second (not in a log, which would get a line per second)."""
+    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticking = enabled and sys.stderr.isatty()
+    if ticking:
+        ticker.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        if ticking:
+            ticker.join()
+        bar.close()
 
 
 def _device_name(device: torch.device) -> str:

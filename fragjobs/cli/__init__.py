@@ -10,14 +10,18 @@ torch or diffusers.
   ``generate``, ``eval-model``, ``results``;
 * :mod:`~fragjobs.cli.catalog_commands` — ``fragments``, ``db``, ``revalidate``;
 * :mod:`~fragjobs.cli.farm_commands` — ``farm start|status|run``, ``flower``;
+* :mod:`~fragjobs.cli.report_commands` — ``report ls|show|html``, ``report --compare --gate``;
 * :mod:`~fragjobs.cli.options` — one-line errors and the chain's knobs as options.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import click
 
-from fragjobs.cli import catalog_commands, chain_commands, farm_commands
+from fragjobs.cli import catalog_commands, chain_commands, farm_commands, report_commands
 from fragjobs.logging_setup import configure_logging
 
 
@@ -36,9 +40,12 @@ def main(verbose: int) -> None:
     A .env file is read only from the path in FRAGJOBS_ENV_FILE.
     """
     configure_logging(verbose)
+    if not verbose:  # library chatter: loading bars (base_models.load_base reads this too)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # and tokenizer warnings
+        warnings.filterwarnings("ignore", module=r"(transformers|diffusers|huggingface_hub)\b")
 
 
-for _module in (chain_commands, catalog_commands, farm_commands):
+for _module in (chain_commands, catalog_commands, farm_commands, report_commands):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 

@@ -42,9 +42,13 @@ def fragments_ls(status):
 
 @fragments.command("show")
 @click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
 @fail_cleanly
-def fragments_show(key):
-    """Print a fragment's catalog row, lineage and manifest (stored hashes checked)."""
+def fragments_show(key, as_json):
+    """Print a fragment's summary, catalog row, lineage and manifest (stored hashes checked).
+
+    --json prints catalog row, lineage and manifest as one JSON object.
+    """
     from dataclasses import asdict
 
     from fragjobs.chain.stored import verified_objects
@@ -53,18 +57,66 @@ def fragments_show(key):
     ws = _workspace()
     row = ws.catalog.get_fragment(validate_key(key))
     manifest, _ = verified_objects(ws, row)
-    click.echo(
-        json.dumps(
-            {
-                "catalog": asdict(row),
-                "lineage": ws.catalog.lineage(key),
-                "manifest": manifest.model_dump(mode="json"),
-            },
-            indent=2,
-            sort_keys=True,
-            default=str,
+    lineage = ws.catalog.lineage(key)
+    document = {
+        "catalog": asdict(row),
+        "lineage": lineage,
+        "manifest": manifest.model_dump(mode="json"),
+    }
+    if as_json:
+        click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
+        return
+    for line in _fragment_summary(row, manifest):
+        click.echo(line)
+    click.echo("\ncatalog row:")
+    for name, value in asdict(row).items():
+        if name != "params":
+            click.echo(f"  {name:<15} {value}")
+    click.echo(f"  {'params':<15} {json.dumps(row.params, sort_keys=True)}")
+    click.echo("lineage:")
+    for name, value in lineage.items():
+        click.echo(f"  {name:<15} {value}")
+    click.echo("manifest:")
+    click.echo(json.dumps(document["manifest"], indent=2, sort_keys=True))
+
+
+def _fragment_summary(row, manifest) -> list[str]:
+    """A few lines a person reads first: what the fragment is and how well it did."""
+    pruning, perf, quality = manifest.pruning, manifest.performance, manifest.quality
+    routing, compression = manifest.dynamic_routing, manifest.compression
+    techniques = [f"{pruning.heads_kept}/{pruning.heads_total} heads kept"]
+    if compression.low_rank is not None and compression.low_rank.layers:
+        techniques.append(f"{len(compression.low_rank.layers)} layers low-rank")
+    if compression.int8 is not None:
+        techniques.append("int8 weights")
+    techniques.append("block caching" if routing.enabled else "no block caching")
+    lines = [
+        f"{row.key}  {row.status}" + (f" ({row.status_reason})" if row.status_reason else ""),
+        f"  prompt     {row.prompt!r}",
+        f"  base model {manifest.base_model.name} ({manifest.base_model.sha256[:12]}…)",
+        f"  fragment   {', '.join(techniques)}; "
+        f"{compression.weight_bytes_fragment / 2**20:.1f} of "
+        f"{compression.weight_bytes_base / 2**20:.1f} MiB UNet weights",
+    ]
+    if quality is not None:
+        metrics, gate = quality.metrics, quality.gate
+        not_run = gate.get("not_run") or []
+        lines.append(
+            f"  gate       {'passed' if gate.get('passed') else 'FAILED'} on seeds "
+            f"{quality.seeds}: SSIM {metrics.get('ssim'):.4f}, CLIP delta "
+            f"{metrics.get('clip_delta')}, LPIPS {metrics.get('lpips')}"
+            + (f" (not run: {'; '.join(n.split(':')[0] for n in not_run)})" if not_run else "")
         )
-    )
+    else:
+        lines.append("  gate       not validated yet")
+    if perf is not None and perf.measured_speedup is not None:
+        lines.append(
+            f"  speed      {perf.measured_speedup:.2f}x per image ({perf.device}, "
+            f"{perf.steps} steps, batch {perf.batch_size})"
+        )
+    lines.append(f"  verified   {manifest.verified};  used {row.hit_count} time(s)")
+    lines.append(f"  stored at  {row.storage_uri}")
+    return lines
 
 
 @fragments.command("rm")

@@ -21,14 +21,23 @@ from fragjobs.cli.options import (
 )
 from fragjobs.keys import normalise_prompt
 
-DEFAULT_OUT_DIR = "fragjobs-out"
-
 
 @click.command()
 @click.argument("prompt")
 @knob_options
-@click.option("--out", "out_dir", default=DEFAULT_OUT_DIR, show_default=True, type=click.Path())
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(),
+    help="Reports folder: the run writes DIR/YYYY-MM-DD_HHMM[-n]/ [FRAGJOBS_DATA_DIR/reports].",
+)
 @click.option("--batch-size", default=4, show_default=True, type=int, help="Images per call.")
+@click.option("--steps", default=None, type=int, help="Inference steps [the model's].")
+@click.option("--profile-seeds", default=None, help="Comma-separated profiling seeds [0,1,2,3].")
+@click.option(
+    "--validation-seeds", default=None, help="Comma-separated gate seeds [1000,1001,1002,1003]."
+)
 @click.option(
     "--farm",
     "use_farm",
@@ -36,21 +45,32 @@ DEFAULT_OUT_DIR = "fragjobs-out"
     help="Submit the chain to the Celery farm (FRAGJOBS_BROKER_URL); see `fragjobs farm run`.",
 )
 @fail_cleanly
-def run(prompt, out_dir, batch_size, use_farm, **options):
-    """Profile, extract, validate and generate PROMPT; write a report to --out."""
+def run(prompt, out_dir, batch_size, steps, profile_seeds, validation_seeds, use_farm, **options):
+    """Profile, extract, validate and generate PROMPT; write a report folder.
+
+    The report (metrics, plots, images, index.html) goes to a new folder
+    YYYY-MM-DD_HHMM[-n]/ under --out, by default FRAGJOBS_DATA_DIR/reports
+    (~/.fragjobs/reports); its path is printed at the end.
+    """
     normalise_prompt(prompt)
-    knobs = knobs_from_options(options, batch_size=batch_size)
-    out = check_out_dir(Path(out_dir))
+    knobs = knobs_from_options(
+        options,
+        batch_size=batch_size,
+        steps=steps,
+        profile_seeds=parse_seeds(profile_seeds),
+        validation_seeds=parse_seeds(validation_seeds),
+    )
+    out = check_out_dir(Path(out_dir)) if out_dir else None
     if use_farm:
         from fragjobs.cli.farm_commands import run_on_farm
 
-        run_on_farm(prompt, knobs, out=out)
+        run_on_farm(prompt, knobs, out=out, report=True)
         return
 
     from fragjobs.chain.run_chain import run as run_chain
+    from fragjobs.cli.report_commands import echo_run_summary
 
     report = run_chain(prompt, knobs, out_dir=out)
-    hyp = report.summary["hypotheses"]
     for attempt in report.summary["fragment"]["attempts"][:-1]:
         caching = attempt["caching_min_ssim"]
         click.echo(
@@ -59,12 +79,7 @@ def run(prompt, out_dir, batch_size, use_farm, **options):
             + (f", caching kept ssim {caching}" if caching is not None else "")
             + "; extracting a more conservative one"
         )
-    click.echo(f"fragment {report.key}: gate {'passed' if report.passed else 'FAILED'}")
-    for name in sorted(hyp):
-        click.echo(f"  {name} {hyp[name]['status']:<11} {hyp[name]['name']}")
-    if report.generation.used_fallback:
-        click.echo(f"  generated with the full model: {report.generation.fallback_reason}")
-    click.echo(f"report written to {report.out_dir}")
+    echo_run_summary(report.summary, report.out_dir)
 
 
 @click.command()
@@ -219,12 +234,17 @@ def eval_model(seeds, steps, limit, json_out):
 @click.option("--model", default="shapes", show_default=True)
 @fail_cleanly
 def results(out_dir, model):
-    """Write the results page (H1–H5 over 10 prompts + profile ablation) to OUT/results.md."""
+    """Write the results page (H1–H5 over 10 prompts + profile ablation) to OUT.
+
+    Writes OUT/results.md, OUT/results.html (the same report builder as `fragjobs run`:
+    one report folder per prompt under OUT/results/, with trend plots) and OUT/results.json.
+    """
     out = check_out_dir(Path(out_dir))
     from fragjobs.bench.results import build_results
 
     build_results(out, model=model)
-    click.echo(f"written {out / 'results.md'}")
+    click.echo(f"written {(out / 'results.md').resolve()}")
+    click.echo(f"open:   {(out / 'results.html').resolve()}")
 
 
 COMMANDS = [run, profile, extract, validate, generate, eval_model, results]

@@ -134,11 +134,13 @@ def run_on_farm(
     queue: str | None = None,
     affinity: bool = True,
     timeout: float = 3600.0,
+    report: bool = False,
 ) -> None:
     """Submit ``knobs``' chain, show its progress, print the result; exit 1 on errors.
 
     ``out``: the images (``images/<seed>.png``), the fragment's manifest and the result
-    (``farm_result.json``) are written there.
+    (``farm_result.json``) are written there. ``report`` (``fragjobs run --farm``): a report
+    folder is written instead, under ``out`` as reports root (default: the data dir's).
     """
     from tqdm.auto import tqdm
 
@@ -173,11 +175,20 @@ def run_on_farm(
             "errors": result.errors,
             "knobs": knobs.to_json(),
         }
-        if out is not None:
+        if report:
+            from fragjobs.cli.report_commands import write_farm_report
+
+            folder = write_farm_report(client, prompt, knobs, result, out)
+        elif out is not None:
             _write_out(client, result, out, document)
     if result.used_fallback:
         click.echo(f"full model used: {'; '.join(result.fallback_reasons)}", err=True)
     click.echo(json.dumps(document, indent=2))
+    if report:
+        from fragjobs.cli.report_commands import echo_run_summary
+        from fragjobs.reports.folders import read_report
+
+        echo_run_summary(read_report(folder).summary, folder)
     sys.exit(1 if result.errors else 0)
 
 

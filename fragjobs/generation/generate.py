@@ -100,6 +100,14 @@ def measure_latency_ms(
 
     One untimed warm-up batch runs first; CUDA is synchronised around each timed batch.
     """
+    return statistics.median(latency_samples_ms(pipe, prompt, config, repeats=repeats, seed=seed))
+
+
+def latency_samples_ms(
+    pipe: Any, prompt: str, config: GenerationConfig, *, repeats: int = 3, seed: int = 0
+) -> list[float]:
+    """Per-image latency (ms) of each of ``repeats`` warm batches (after one untimed warm-up
+    batch; CUDA synchronised around each timed batch): the spread beside the median."""
     seeds = list(range(seed, seed + config.batch_size))
     generate_images(pipe, prompt, seeds, config)
     timings = []
@@ -109,7 +117,7 @@ def measure_latency_ms(
         generate_images(pipe, prompt, seeds, config)
         sync_device()
         timings.append((time.perf_counter() - started) * 1000 / config.batch_size)
-    return statistics.median(timings)
+    return timings
 
 
 def sync_device() -> None:

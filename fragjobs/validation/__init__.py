@@ -1,29 +1,37 @@
-"""Validation of a fragment against its full model: quality metrics and the threshold gate."""
+"""Validation of a fragment against its full model: quality metrics and the threshold gate.
 
-from fragjobs.validation.gate import (
-    Check,
-    GateResult,
-    Thresholds,
-    evaluate_gate,
-    load_thresholds,
-)
-from fragjobs.validation.metrics import (
-    PSNR_CAP_DB,
-    QualityMetrics,
-    check_image_batches,
-    compute_quality,
-    to_uint8,
-)
+Names are imported from their modules on first use: reading ``thresholds.yaml`` (the gate)
+does not load torch, which the metrics need.
+"""
 
-__all__ = [
-    "PSNR_CAP_DB",
-    "Check",
-    "GateResult",
-    "QualityMetrics",
-    "Thresholds",
-    "check_image_batches",
-    "compute_quality",
-    "evaluate_gate",
-    "load_thresholds",
-    "to_uint8",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "GATE_METRICS": "fragjobs.validation.gate",
+    "REGRESSION_METRICS": "fragjobs.validation.gate",
+    "Check": "fragjobs.validation.gate",
+    "GateResult": "fragjobs.validation.gate",
+    "RegressionMetric": "fragjobs.validation.gate",
+    "RegressionRule": "fragjobs.validation.gate",
+    "Thresholds": "fragjobs.validation.gate",
+    "evaluate_gate": "fragjobs.validation.gate",
+    "load_thresholds": "fragjobs.validation.gate",
+    "PSNR_CAP_DB": "fragjobs.validation.metrics",
+    "QualityMetrics": "fragjobs.validation.metrics",
+    "check_image_batches": "fragjobs.validation.metrics",
+    "compute_quality": "fragjobs.validation.metrics",
+    "to_uint8": "fragjobs.validation.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fragjobs.validation' has no attribute {name!r}")

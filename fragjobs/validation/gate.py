@@ -7,9 +7,10 @@ to the full model. The thresholds live in one YAML file (packaged default:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -17,16 +18,86 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from fragjobs.config import get_settings
 from fragjobs.errors import ConfigError
 from fragjobs.keys import check_fraction
-from fragjobs.validation.metrics import QualityMetrics
+
+if TYPE_CHECKING:  # the metrics need torch; reading thresholds does not
+    from fragjobs.validation.metrics import QualityMetrics
+
+GATE_METRICS = ("ssim", "lpips", "clip_delta")
+"""The metrics the quality gate checks, in the order of its checks."""
+
+
+@dataclass(frozen=True)
+class RegressionMetric:
+    """A figure two reports can be compared on, and which direction is worse.
+
+    ``kind``: ``quality`` (deterministic for fixed seeds and code), ``timing`` (a ratio of two
+    timings measured in one run on one machine: compare with a wide tolerance), ``memory``
+    or ``reuse``.
+    """
+
+    name: str
+    better: Literal["higher", "lower"]
+    kind: Literal["quality", "timing", "memory", "reuse"]
+    description: str
+
+
+REGRESSION_METRICS = {
+    m.name: m
+    for m in (
+        RegressionMetric("ssim", "higher", "quality", "mean SSIM vs the full model"),
+        RegressionMetric("ssim_worst", "higher", "quality", "worst validation seed's SSIM"),
+        RegressionMetric("psnr_db", "higher", "quality", "mean PSNR vs the full model (dB)"),
+        RegressionMetric("lpips", "lower", "quality", "mean LPIPS vs the full model"),
+        RegressionMetric("clip_delta", "lower", "quality", "CLIP-score drop vs the full model"),
+        RegressionMetric("speedup", "higher", "timing", "per-image latency full / fragment"),
+        RegressionMetric(
+            "break_even_variants", "lower", "timing", "variants until the overhead pays back"
+        ),
+        RegressionMetric(
+            "memory_reduction", "higher", "memory", "1 - measured peak fragment / full"
+        ),
+        RegressionMetric("reuse_pass_rate", "higher", "reuse", "paraphrases passing the gate"),
+    )
+}
+"""Every metric a ``regression:`` rule of ``thresholds.yaml`` may name."""
+
+
+class RegressionRule(BaseModel):
+    """How much worse than its baseline a metric may get: ``max_delta`` in the metric's units,
+    or, with ``relative: true``, as a fraction of the baseline's value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_delta: float
+    relative: bool = False
+
+    @field_validator("max_delta", mode="before")
+    @classmethod
+    def _delta(cls, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"must be a number >= 0, got {value!r}")
+        return float(value)
+
+    @field_validator("relative", mode="before")
+    @classmethod
+    def _relative(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
 
 
 class Thresholds(BaseModel):
-    """The thresholds of the quality gate and of hypotheses H1–H5.
+    """The thresholds of the quality gate, of hypotheses H1–H5 and of the regression gate.
 
     Fractions (``clip_delta_max``, ``lpips_max``, ``ssim_min``, ``vram_reduction_min``,
     ``reuse_pass_rate_min``) must be in (0, 1]; ``batch_speedup_min`` must be > 1;
-    ``break_even_max_variants`` must be an integer >= 1. Every key is required and unknown
-    keys are rejected, so a typo cannot silently fall back to a default.
+    ``break_even_max_variants`` must be an integer >= 1. Every one of these is required and
+    unknown keys are rejected, so a typo cannot silently fall back to a default.
+
+    ``required_metrics`` (default ``[ssim]``): gate metrics (:data:`GATE_METRICS`) that must
+    have been computed; a missing one fails the gate with that reason. ``regression``
+    (default: none): per metric of :data:`REGRESSION_METRICS`, a :class:`RegressionRule` for
+    ``fragjobs report --compare ... --gate``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -38,6 +109,8 @@ class Thresholds(BaseModel):
     batch_speedup_min: float
     reuse_pass_rate_min: float
     break_even_max_variants: int
+    required_metrics: tuple[str, ...] = ("ssim",)
+    regression: dict[str, RegressionRule] = {}
 
     @field_validator(
         "clip_delta_max",
@@ -63,6 +136,26 @@ class Thresholds(BaseModel):
     def _variants(cls, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"must be an integer >= 1 (a number of variants), got {value!r}")
+        return value
+
+    @field_validator("required_metrics", mode="before")
+    @classmethod
+    def _required(cls, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be a list of metric names, got {value!r}")
+        unknown = sorted(set(value) - set(GATE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(GATE_METRICS)}")
+        return tuple(value)
+
+    @field_validator("regression", mode="before")
+    @classmethod
+    def _regression(cls, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping of metric: {{max_delta: ...}}, got {value!r}")
+        unknown = sorted(set(value) - set(REGRESSION_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(REGRESSION_METRICS)}")
         return value
 
 
@@ -125,12 +218,17 @@ class Check(BaseModel):
 
 
 class GateResult(BaseModel):
-    """The gate's decision and every check behind it."""
+    """The gate's decision and every check behind it.
+
+    ``not_run``: one line per check the gate could not run (its metric was not computed),
+    with the reason, e.g. ``"lpips: no LPIPS weights ..."``; empty when every check ran.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     passed: bool
     checks: list[Check]
+    not_run: list[str] = []
 
 
 def evaluate_gate(metrics: QualityMetrics, thresholds: Thresholds) -> GateResult:
@@ -140,9 +238,11 @@ def evaluate_gate(metrics: QualityMetrics, thresholds: Thresholds) -> GateResult
     A metric that could not be computed gives an ``UNAVAILABLE`` check carrying the metric's
     reason; it neither passes nor fails.
 
-    Rule: ``passed`` is True only when the SSIM check (always computable) passes and no
-    available check fails. So a fragment with LPIPS and CLIP unavailable passes on SSIM alone,
-    and the report's hypothesis H1 says ``UNAVAILABLE`` rather than ``PASS``.
+    Rule: ``passed`` is True only when the SSIM check (always computable) passes, no
+    available check fails and every metric of ``thresholds.required_metrics`` was computed
+    (a missing required metric is a ``FAIL`` check saying so). A fragment with LPIPS and CLIP
+    unavailable and not required passes on SSIM alone; ``not_run`` then names both checks with
+    their reasons, and the report's hypothesis H1 says ``UNAVAILABLE`` rather than ``PASS``.
 
     Args:
         metrics: the fragment's metrics from :func:`compute_quality`.
@@ -158,8 +258,18 @@ def evaluate_gate(metrics: QualityMetrics, thresholds: Thresholds) -> GateResult
             "clip_delta", metrics.clip_delta, thresholds.clip_delta_max, "<=", metrics.clip_reason
         ),
     ]
+    checks = [_required(c) if c.name in thresholds.required_metrics else c for c in checks]
     passed = checks[0].status == "PASS" and all(c.status != "FAIL" for c in checks)
-    return GateResult(passed=passed, checks=checks)
+    not_run = [f"{c.name}: {c.reason}" for c in checks if c.value is None]
+    return GateResult(passed=passed, checks=checks, not_run=not_run)
+
+
+def _required(check: Check) -> Check:
+    """A check of a required metric: FAIL instead of UNAVAILABLE when it was not computed."""
+    if check.status != "UNAVAILABLE":
+        return check
+    reason = f"{check.name} is required (required_metrics) but was not computed: {check.reason}"
+    return check.model_copy(update={"status": "FAIL", "reason": reason})
 
 
 def _check(

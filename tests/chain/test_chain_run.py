@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -37,12 +38,18 @@ def _objects(ws):
 
 
 def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path):
-    out = tmp_path / "out"
+    out = report.out_dir  # a report folder of its own under --out
+    assert out.parent == tmp_path / "out" and re.fullmatch(r"\d{4}-\d\d-\d\d_\d{4}", out.name)
     for name in (
         "fragment_manifest.json",
         "head_importance.json",
         "metrics_summary.json",
         "compare.png",
+        "profiling_raw.parquet",
+        "regression_diff.json",
+        "plots/latency.png",
+        "plots/quality_tradeoff.png",
+        "index.html",
     ):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "images").iterdir()) == ["0.png", "1.png", "2.png"]
@@ -323,7 +330,9 @@ def test_cli_run_writes_report_and_errors_are_one_line(settings, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "H4" in done.stdout and (out / "metrics_summary.json").is_file()
+    (folder,) = out.iterdir()  # the run's report folder, printed at the end
+    assert "H4" in done.stdout and (folder / "metrics_summary.json").is_file()
+    assert f"open:   {folder.resolve() / 'index.html'}" in done.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "fragjobs.cli", "run", " ", "--out", str(tmp_path / "x")],
         capture_output=True,

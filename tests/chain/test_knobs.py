@@ -72,7 +72,8 @@ def test_run_on_the_farm_honours_every_flag_of_run(settings, tmp_path, monkeypat
     flags = [
         "--model", "tiny-sd", "--variants", "6", "--threshold", "0.5", "--fidelity", "0.95",
         "--no-low-rank", "--no-int8", "--no-caching", "--paraphrase", "a red disc",
-        "--batch-size", "2", "--out", str(tmp_path / "out"),
+        "--batch-size", "2", "--out", str(tmp_path / "out"), "--steps", "3",
+        "--profile-seeds", "0,1", "--validation-seeds", "7",
     ]  # fmt: skip
     result = CliRunner().invoke(main, ["run", "a red circle", *flags, "--farm"])
     assert result.exit_code == 0, result.output
@@ -88,6 +89,9 @@ def test_run_on_the_farm_honours_every_flag_of_run(settings, tmp_path, monkeypat
         "caching": False,
         "paraphrases": ["a red disc"],
         "batch_size": 2,
+        "steps": 3,
+        "profile_seeds": [0, 1],
+        "validation_seeds": [7],
     }
     assert seen["out"] == tmp_path / "out"
 

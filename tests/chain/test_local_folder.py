@@ -36,7 +36,8 @@ def test_the_chain_runs_on_a_local_folder(ws, tmp_path, model_folder):
     assert base_row.name == "my-sd-folder"
     assert base_row.source == f"folder:{model_folder.resolve()}"
     assert len(report.generation.image_uris) == 2
-    summary = json.loads((tmp_path / "out" / "metrics_summary.json").read_text())
+    assert report.out_dir.parent == tmp_path / "out"
+    summary = json.loads((report.out_dir / "metrics_summary.json").read_text())
     assert summary["knobs"]["model"] == str(model_folder)
     # a later step given no model finds the base again by the catalog's source
     chain.reset_process_state()

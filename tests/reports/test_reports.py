@@ -25,7 +25,13 @@ PERFORMANCE = {
     "steps": 20,
     "overhead_s": 8.0,
 }
-MEMORY = {"full_bytes": 1000, "fragment_bytes": 500, "kind": "cpu_param_bytes"}
+MEMORY = {
+    "full_bytes": 1000,
+    "fragment_bytes": 500,
+    "kind": "cpu_param_bytes",
+    "peak_full_bytes": 4000,
+    "peak_fragment_bytes": 2000,
+}
 REUSE = {"pass_rate": 0.9, "n": 10}
 
 
@@ -170,21 +176,52 @@ def test_h1_grades(changes: dict, status: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("memory", "status", "reduction"),
+    ("peaks", "status", "reduction"),
     [
-        ({"full_bytes": 1000, "fragment_bytes": 500}, "PASS", 0.5),
-        ({"full_bytes": 1000, "fragment_bytes": 900}, "WARN", 0.1),
-        ({"full_bytes": 1000, "fragment_bytes": 1000}, "FAIL", 0.0),
-        ({"full_bytes": 1000, "fragment_bytes": 1200}, "FAIL", -0.2),
-        ({"full_bytes": 1000}, "UNAVAILABLE", None),
+        ({"peak_full_bytes": 1000, "peak_fragment_bytes": 500}, "PASS", 0.5),
+        ({"peak_full_bytes": 1000, "peak_fragment_bytes": 900}, "WARN", 0.1),
+        ({"peak_full_bytes": 1000, "peak_fragment_bytes": 1000}, "FAIL", 0.0),
+        ({"peak_full_bytes": 1000, "peak_fragment_bytes": 1200}, "FAIL", -0.2),
+        ({"peak_full_bytes": 1000}, "UNAVAILABLE", None),
         ({"kind": "cuda_max_allocated"}, "UNAVAILABLE", None),
     ],
 )
-def test_h2_grades(memory: dict, status: str, reduction: float | None) -> None:
-    got, reason, values = hypothesis(summary(memory=memory), "H2")
+def test_h2_grades_on_measured_peaks(peaks: dict, status: str, reduction: float | None) -> None:
+    """H2 is decided on measured peak memory (issue 12), never on weight bytes."""
+    got, reason, values = hypothesis(summary(memory=peaks), "H2")
     assert got == status
-    assert values["reduction"] == (None if reduction is None else pytest.approx(reduction))
+    assert values["peak_reduction"] == (None if reduction is None else pytest.approx(reduction))
     assert (reason is None) == (status == "PASS")
+
+
+@pytest.mark.parametrize(
+    ("memory", "reduction"),
+    [
+        ({"full_bytes": 1000, "fragment_bytes": 500}, 0.5),
+        ({"full_bytes": 1000, "fragment_bytes": 1200}, -0.2),
+    ],
+)
+def test_h2_is_unavailable_on_weight_bytes_alone(memory: dict, reduction: float) -> None:
+    got, reason, values = hypothesis(summary(memory=memory), "H2")
+    assert got == "UNAVAILABLE"
+    assert "not measured" in reason
+    assert values["reduction"] == pytest.approx(reduction)  # reported, not decided on
+    assert values["peak_reduction"] is None
+    probe_failed = {**memory, "peak_reason": "memory probe failed: out of memory"}
+    assert hypothesis(summary(memory=probe_failed), "H2")[1] == probe_failed["peak_reason"]
+
+
+def test_h2_peak_can_be_higher_than_the_full_models_and_fails() -> None:
+    # sd15-shape, int8: weight bytes drop by 3/4 but the measured peak RSS rises
+    memory = {
+        "full_bytes": 4,
+        "fragment_bytes": 1,
+        "peak_full_bytes": 3557,
+        "peak_fragment_bytes": 4960,
+    }
+    status, reason, values = hypothesis(summary(memory=memory), "H2")
+    assert status == "FAIL" and "peak_reduction" in reason
+    assert values["reduction"] == 0.75 and values["peak_reduction"] < 0
 
 
 def test_h2_reports_peak_reduction_and_kind() -> None:

@@ -331,6 +331,15 @@ def test_packaged_thresholds_load() -> None:
         batch_speedup_min=1.5,
         reuse_pass_rate_min=0.8,
         break_even_max_variants=10,
+        required_metrics=["ssim"],
+        regression={
+            "ssim": {"max_delta": 0.02},
+            "ssim_worst": {"max_delta": 0.05},
+            "lpips": {"max_delta": 0.02},
+            "clip_delta": {"max_delta": 0.01},
+            "speedup": {"max_delta": 0.3, "relative": True},
+            "memory_reduction": {"max_delta": 0.05},
+        },
     )
 
 
@@ -354,6 +363,13 @@ def test_thresholds_path_setting_is_used(monkeypatch: pytest.MonkeyPatch, tmp_pa
         ({"break_even_max_variants": 0}, "break_even_max_variants"),
         ({"break_even_max_variants": 2.5}, "break_even_max_variants"),
         ({"ssim_minimum": 0.9}, "unknown key 'ssim_minimum'"),
+        ({"required_metrics": ["ssim", "fid"]}, "required_metrics: unknown metric"),
+        ({"required_metrics": "ssim"}, "required_metrics: must be a list"),
+        ({"regression": {"ssim": {"max_delta": -1}}}, "regression.ssim.max_delta"),
+        ({"regression": {"ssim": {"max_delta": "a"}}}, "regression.ssim.max_delta"),
+        ({"regression": {"ssim": {"max_delta": 0.1, "relative": "yes"}}}, "relative"),
+        ({"regression": {"ssim": {"max_delta": 0.1, "max": 1}}}, "regression.ssim.max"),
+        ({"regression": {"latency_ms": {"max_delta": 1}}}, "unknown metric"),
     ],
 )
 def test_bad_thresholds_are_config_errors_naming_file_and_key(
@@ -414,3 +430,23 @@ def test_gate_fails_when_an_available_metric_misses(thresholds: Thresholds) -> N
     assert [c.status for c in gate.checks] == ["PASS", "FAIL", "PASS"]
     base.update(lpips=0.1)
     assert evaluate_gate(QualityMetrics(**base), thresholds).passed
+
+
+def test_gate_records_the_checks_it_could_not_run_and_fails_a_required_one(
+    thresholds: Thresholds,
+) -> None:
+    images = smooth_images()
+    metrics = compute_quality(images, images, PROMPT)  # no LPIPS weights, no CLIP model
+    gate = evaluate_gate(metrics, thresholds)
+    assert gate.passed
+    assert gate.not_run == [
+        f"lpips: {metrics.lpips_reason}",
+        f"clip_delta: {metrics.clip_reason}",
+    ]
+    strict = thresholds.model_copy(update={"required_metrics": ("ssim", "lpips")})
+    gate = evaluate_gate(metrics, strict)
+    assert not gate.passed
+    lpips = gate.checks[1]
+    assert lpips.status == "FAIL" and "required" in lpips.reason
+    assert metrics.lpips_reason in lpips.reason
+    assert gate.checks[2].status == "UNAVAILABLE"  # not required: recorded, not failed
