@@ -326,3 +326,23 @@ def prompt_embedding(pipe: Any, prompt: str) -> torch.Tensor:
     )
     pooled = pooled[0].float().cpu()
     return pooled / pooled.norm().clamp_min(1e-12)
+
+
+def truncation_note(pipe: Any, prompt: str) -> str | None:
+    """Why the pipeline's tokenizer cuts ``prompt`` short, or None when it reads all of it.
+
+    Text encoders read a fixed number of tokens (CLIP: 77, start and end included); a longer
+    prompt is truncated silently by diffusers. The note says how much is read.
+    """
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not isinstance(limit, int) or limit > 100_000:
+        return None
+    ids = tokenizer(prompt, truncation=False)["input_ids"]
+    if len(ids) <= limit:
+        return None
+    kept = tokenizer.decode(ids[: limit - 1], skip_special_tokens=True).strip()
+    return (
+        f"the prompt is {len(ids)} tokens long; the text encoder reads {limit}: "
+        f"only {kept!r} shapes the images"
+    )

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fragjobs.base_models import truncation_note
 from fragjobs.catalog import ProfileEntity
 from fragjobs.chain.bases import base
 from fragjobs.chain.knobs import DEFAULT_PROFILE_SEEDS
@@ -63,6 +64,9 @@ def profile(
     ws = ws or workspace()
     loaded = base(model, ws.settings)
     info = loaded.info
+    note = truncation_note(loaded.pipe, prompt)
+    if note is not None:
+        log.warning("%s", note)
     config = ProfileConfig(
         seeds=tuple(check_seeds(list(seeds))),
         steps=steps if steps is not None else info.default_steps,

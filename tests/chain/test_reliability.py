@@ -227,3 +227,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(settings, monkeypatch, env, argv, 
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+
+
+def test_a_prompt_the_text_encoder_cuts_short_gets_a_note(tiny_pipe):
+    from fragjobs.base_models import truncation_note
+
+    assert truncation_note(tiny_pipe, PROMPT) is None
+    note = truncation_note(tiny_pipe, "a red circle on the left of a blue square " * 6)
+    assert "reads 77" in note and "tokens long" in note
