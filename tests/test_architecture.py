@@ -36,25 +36,64 @@ DOMAIN = (
     "fragjobs.reports",
 )
 FARM_LIBRARIES = ("celery", "kombu", "redis")
+COMFY_NODES = ("fragjobs.comfy_nodes",)
+# ComfyUI's own top-level modules: only the custom nodes may import them (inside functions).
+COMFYUI_MODULES = (
+    "comfy",
+    "comfy_api",
+    "comfy_execution",
+    "comfy_extras",
+    "execution",
+    "folder_paths",
+    "node_helpers",
+    "nodes",
+    "server",
+)
 UPPER_LAYERS = ("fragjobs.chain", "fragjobs.farm", "fragjobs.client", "fragjobs.bench")
+CORE = DOMAIN + UPPER_LAYERS + ("fragjobs.cli", "tasks", "celeryconfig", "models", "migrations")
 
 # (who, what it must not import, why)
 RULES = [
-    (DOMAIN, FARM_LIBRARIES + ("click", "tasks", "fragjobs.cli") + UPPER_LAYERS, "the domain"),
+    (
+        DOMAIN,
+        FARM_LIBRARIES + ("click", "tasks", "fragjobs.cli") + UPPER_LAYERS + COMFY_NODES,
+        "the domain",
+    ),
     (
         ("fragjobs.chain",),
         FARM_LIBRARIES
         + ("click", "tasks", "fragjobs.cli", "fragjobs.farm", "fragjobs.client")
-        + ("fragjobs.bench",),
+        + ("fragjobs.bench",)
+        + COMFY_NODES,
         "the chain",
     ),
-    (("fragjobs.farm",), ("click", "tasks", "fragjobs.cli", "fragjobs.bench"), "the farm side"),
-    (("fragjobs.bench",), ("tasks", "fragjobs.cli"), "the benchmarks"),
-    (("tasks", "celeryconfig"), ("click", "fragjobs.cli", "fragjobs.bench"), "the tasks"),
+    (
+        ("fragjobs.farm",),
+        ("click", "tasks", "fragjobs.cli", "fragjobs.bench") + COMFY_NODES,
+        "the farm side",
+    ),
+    (("fragjobs.bench",), ("tasks", "fragjobs.cli") + COMFY_NODES, "the benchmarks"),
+    (
+        ("tasks", "celeryconfig"),
+        ("click", "fragjobs.cli", "fragjobs.bench") + COMFY_NODES,
+        "the tasks",
+    ),
     (("models",), ("fragjobs", "tasks", "migrations", "torch"), "the ORM"),
+    (
+        COMFY_NODES,
+        FARM_LIBRARIES
+        + ("click", "tasks", "fragjobs.cli", "fragjobs.farm", "fragjobs.client")
+        + ("fragjobs.bench",),
+        "the ComfyUI nodes",
+    ),
+    (CORE, COMFYUI_MODULES + COMFY_NODES, "the core (never ComfyUI, nor its nodes)"),
 ]
+# The drills (python -m fragjobs.drills): a top layer over the chain and the farm; they run
+# the command line only as subprocesses and talk to Redis only through the farm's client.
+DRILLS = ("fragjobs.drills",)
+RULES.append((DRILLS, ("click", "tasks", "fragjobs.cli", "fragjobs.bench"), "the drills"))
 ONLY_FARM_SIDE_TALKS_TO_CELERY = ("tasks", "celeryconfig", "fragjobs.farm")
-NEVER_IMPORTED_BY_OTHERS = ("fragjobs.cli",)
+NEVER_IMPORTED_BY_OTHERS = ("fragjobs.cli", "fragjobs.drills")
 
 
 def _module_name(path: Path) -> str:
@@ -140,13 +179,14 @@ def test_only_the_farm_side_talks_to_celery_and_redis():
     assert offences == []
 
 
-def test_nothing_imports_the_command_line():
+@pytest.mark.parametrize("top", NEVER_IMPORTED_BY_OTHERS)
+def test_nothing_imports_the_command_line_or_the_drills(top):
     offences = [
         f"{module}:{line} imports {target}"
         for module, imports in GRAPH.items()
-        if not _within(module, NEVER_IMPORTED_BY_OTHERS)
+        if not _within(module, (top,))
         for target, line in imports
-        if _within(target, NEVER_IMPORTED_BY_OTHERS)
+        if _within(target, (top,))
     ]
     assert offences == []
 
