@@ -210,9 +210,9 @@ def _key_values(name: str, values: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    from fragjobs.reports.html import format_value
+
+    return format_value(value)
 
 
 def echo_run_summary(summary: dict[str, Any], folder: Path) -> None:

@@ -24,6 +24,27 @@ SCHEMA = "fragjobs.regression_diff/1"
 
 EXIT_OK, EXIT_REGRESSION, EXIT_INVALID = 0, 1, 2
 
+NOISY_SPREAD = 1.5
+"""A timing metric is not compared when, in either run, the slowest of the timed repeats of
+the full model or the fragment took more than this times the fastest: load on a shared
+machine made that ratio up (DESIGN §7), so the check is recorded as one that could not run."""
+
+
+def timing_spread(summary: dict[str, Any]) -> float | None:
+    """Max / min of the timed repeats, the wider of full model and fragment (None: unknown)."""
+    performance = summary.get("performance") or {}
+    spreads = []
+    for key in ("latency_full_ms_range", "latency_fragment_ms_range"):
+        span = performance.get(key)
+        if not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(isinstance(v, int | float) and v > 0 for v in span)
+        ):
+            return None
+        spreads.append(span[1] / span[0])
+    return max(spreads)
+
 
 def metric_values(summary: dict[str, Any]) -> dict[str, tuple[float | None, str | None]]:
     """Every regression metric of a summary: ``name -> (value, reason when None)``."""
@@ -148,6 +169,11 @@ def evaluate_regression(
             "max_delta": rule.max_delta,
             "relative": rule.relative,
         }
+        if metric.kind == "timing" and value is not None and base is not None:
+            noisy = _noisy_timings(current, baseline)
+            if noisy:
+                checks.append({**check, "status": "UNAVAILABLE", "reason": noisy})
+                continue
         if value is None or base is None:
             why = f"current run: {reason}" if value is None else f"baseline: {base_reason}"
             required = name in thresholds.required_metrics and value is None
@@ -201,6 +227,23 @@ def exit_status(document: dict[str, Any]) -> int:
     if document["status"] == "NO_BASELINE":
         return EXIT_INVALID
     return EXIT_OK if document["passed"] else EXIT_REGRESSION
+
+
+def _noisy_timings(current: Report, baseline: Report) -> str | None:
+    """Why the two runs' timings cannot be compared (:data:`NOISY_SPREAD`), or None."""
+    noisy = []
+    for role, report in (("current run", current), ("baseline", baseline)):
+        spread = timing_spread(report.summary)
+        if spread is None:
+            noisy.append(f"{role}: repeats not recorded")
+        elif spread > NOISY_SPREAD:
+            noisy.append(f"{role} x{spread:.2f}")
+    if not noisy:
+        return None
+    return (
+        f"timings too noisy to compare: slowest / fastest timed repeat {', '.join(noisy)} "
+        f"(more than x{NOISY_SPREAD:g})"
+    )
 
 
 def _gate_check(current: Report, baseline: Report) -> dict[str, Any]:

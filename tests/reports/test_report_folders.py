@@ -128,6 +128,7 @@ def write_run(
     prompt: str = PROMPT,
     with_manifest: bool = True,
     when: datetime | None = None,
+    spread: float = 1.05,
 ) -> Path:
     metrics = quality(ssim, clip_delta)
     summary = build_metrics_summary(
@@ -137,6 +138,8 @@ def write_run(
         performance={
             "latency_full_ms": 10.0 * speedup,
             "latency_fragment_ms": 10.0,
+            "latency_full_ms_range": [9.8 * speedup, 10.2 * speedup],
+            "latency_fragment_ms_range": [10.0, 10.0 * spread],
             "overhead_s": 3.0,
             "profile_s": 1.0,
             "extract_s": 1.0,
@@ -331,6 +334,15 @@ def test_worse_quality_and_speed_are_regressions_with_the_amount(tmp_path: Path)
     assert diff["baseline"]["run_id"].startswith("2025-01-01_1000")
 
 
+def test_timings_a_loaded_machine_made_up_are_not_compared(tmp_path: Path) -> None:
+    diff = _compare(tmp_path, speedup=0.5, spread=3.0)  # slowest repeat 3x the fastest
+    speed = next(c for c in diff["checks"] if c["metric"] == "speedup")
+    assert speed["status"] == "UNAVAILABLE" and "current run x3.00" in speed["reason"]
+    assert diff["passed"] and any(
+        n.startswith("speedup: timings too noisy") for n in diff["not_run"]
+    )
+
+
 def test_better_is_never_a_regression_and_direction_is_per_metric(tmp_path: Path) -> None:
     diff = _compare(tmp_path, ssim=0.99, speedup=4.0, clip_delta=0.0)
     assert diff["passed"]
@@ -449,3 +461,32 @@ def test_report_ls_show_and_html(tmp_path: Path) -> None:
     assert f'href="{first.name}/index.html"' in page and "data:image/png;base64," in page
     assert (tmp_path / "trends.png").is_file()
     assert len(list_reports(tmp_path)) == 2
+
+
+def test_the_results_page_is_the_index_page_with_the_ablation(tmp_path: Path) -> None:
+    from fragjobs.bench.results import ablation_section
+    from fragjobs.reports.html import write_index_page
+
+    run = write_run(tmp_path / "results")
+    results = {
+        "ablation": [
+            {
+                "prompt": PROMPT,
+                "heads_kept": "58/80",
+                "own": 0.91,
+                "other": 0.8,
+                "model_level": 0.85,
+                "random": 0.7,
+            }
+        ]
+    }
+    page = write_index_page(
+        tmp_path / "results",
+        title="fragjobs results on shapes",
+        sections=[ablation_section(results)],
+        out=tmp_path / "results.html",
+    )
+    html = page.read_text()
+    assert f'href="results/{run.name}/index.html"' in html and (tmp_path / "trends.png").is_file()
+    assert "Does a prompt&#39;s own profile make the better fragment?" in html
+    assert "<td>0.91</td>" in html and "58/80" in html

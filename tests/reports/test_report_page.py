@@ -130,3 +130,45 @@ def test_fragments_show_prints_a_summary_the_catalog_row_and_json(
         assert whole["manifest"]["pruning"]["head_retention_ratio"] is not None
     finally:
         get_settings.cache_clear()
+
+
+def test_a_farm_runs_report_reads_what_the_workers_stored(run_folder: Path) -> None:
+    """run --farm builds its folder from the catalog and the store (no timings: UNAVAILABLE)."""
+    import json
+
+    from fragjobs.config import Settings
+    from fragjobs.reports.builder import write_run_report
+    from fragjobs.reports.farm_run import NOT_MEASURED_ON_FARM, farm_run_data
+    from fragjobs.reports.folders import read_report
+    from fragjobs.validation import load_thresholds
+
+    summary = json.loads((run_folder / "metrics_summary.json").read_text())
+    thresholds = load_thresholds()
+    ws = chain.Workspace.open(Settings(data_dir=run_folder.parents[1] / "data"))
+    try:
+        data = farm_run_data(
+            ws.catalog,
+            ws.store,
+            prompt=summary["prompt"],
+            fragment_key=summary["fragment"]["key"],
+            job_ids=[summary["fragment"]["job_id"]],
+            fallback_reasons=[],
+            errors=[],
+            knobs=summary["knobs"],
+            thresholds=thresholds,
+        )
+        folder = write_run_report(run_folder.parent, data, thresholds)
+    finally:
+        ws.close()
+    report = read_report(folder)
+    assert report.valid and report.base_model_hash == summary["base_model_hash"]
+    farm = report.summary
+    assert farm["quality"]["ssim"] == summary["quality"]["ssim"]  # the validation's figures
+    for name in ("H2", "H4", "H5"):
+        assert farm["hypotheses"][name]["status"] == "UNAVAILABLE"
+        assert NOT_MEASURED_ON_FARM in farm["hypotheses"][name]["reason"]
+    assert sorted(p.name for p in (folder / "images").iterdir()) == ["0.png", "1.png"]
+    assert (folder / "profiling_raw.parquet").is_file() and not (folder / "compare.png").exists()
+    assert any("compare.png not written" in note for note in farm["notes"])
+    diff = json.loads((folder / "regression_diff.json").read_text())
+    assert diff["baseline"]["run_id"] == run_folder.name  # the embedded run before it
