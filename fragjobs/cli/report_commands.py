@@ -32,8 +32,12 @@ _REPORTS_OPTION = click.option(
 
 
 def _root(reports_dir: str | None) -> Path:
+    """--reports of the subcommand, else of ``report`` itself, else the data dir's."""
     from fragjobs.reports.folders import default_reports_root
 
+    context = click.get_current_context(silent=True)
+    if reports_dir is None and context is not None and context.parent is not None:
+        reports_dir = context.parent.params.get("reports_dir")
     return Path(reports_dir) if reports_dir else default_reports_root()
 
 

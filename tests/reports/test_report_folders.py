@@ -455,7 +455,7 @@ def test_report_ls_show_and_html(tmp_path: Path) -> None:
     assert "INVALID" in done.output and "H4  batch speed-up" in done.output
     done = invoke("report", "show", first.name, "--reports", str(tmp_path))
     assert "speedup=2" in done.output and "could not run: lpips" in done.output
-    done = invoke("report", "html", "--reports", str(tmp_path))
+    done = invoke("report", "--reports", str(tmp_path), "html")  # given to the group: the same
     assert done.exit_code == 0
     page = (tmp_path / "index.html").read_text()
     assert f'href="{first.name}/index.html"' in page and "data:image/png;base64," in page
