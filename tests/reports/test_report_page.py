@@ -91,9 +91,10 @@ def test_chromium_renders_the_tables_plots_and_images(run_folder: Path, tmp_path
         close = (np.abs(pixels - _rgb(colour)) <= tolerance).all(axis=-1)
         return np.nonzero(close.sum(axis=1) >= 20)[0]
 
-    # the latency plot's bars, drawn by the browser from the embedded PNG
+    # the latency plot's bars, drawn by the browser from the embedded PNG (their height
+    # depends on the timings: a slow repeat's error bar can squash them)
     full_rows, fragment_rows = rows_with(plots.FULL_COLOUR), rows_with(plots.FRAGMENT_COLOUR)
-    assert len(full_rows) > 50 and len(fragment_rows) > 10
+    assert len(full_rows) >= 8 and len(fragment_rows) >= 8
     # the status badges of the tables (CSS), above the plots
     assert len(rows_with("#d8f0dc", 2)) > 5 or len(rows_with("#fbd5d5", 2)) > 5
     # the variants and compare.png: tiny-sd's noise-like images, many distinct colours
