@@ -402,7 +402,8 @@ def test_node_b_generates_with_node_a_fragment_fetched_once(cluster):
 
 def test_farm_run_command_shows_progress_and_prints_the_images(cluster):
     key = cluster.ready_key(PROMPT)
-    run = _cli(cluster.env, "farm", "run", PROMPT, "--variants", "3", "--batch-size", "2")
+    flags = ["--model", "tiny-sd", "--variants", "3", "--batch-size", "2"]
+    run = _cli(cluster.env, "farm", "run", PROMPT, *flags)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["fragment_key"] == key and len(out["images"]) == 3 and out["errors"] == []
@@ -473,17 +474,28 @@ def test_corrupt_object_is_marked_by_revalidation_and_generation_falls_back(clus
     others = [c for k, c in checks.items() if k != key]
     assert all(c["status"] == "ready" and c["gate_passed"] for c in others)
 
+    # A generation job that names the corrupt fragment falls back to the full model, loudly.
+    fallback = farm.app.send_task(
+        "fragjobs.generate",
+        args=({"key": key},),
+        kwargs={"prompt": PROMPT_B, "seeds": [40, 41], "job_id": "corrupt-fallback"},
+    ).get(timeout=CHAIN_TIMEOUT_S)
+    assert fallback["used_fallback"] and fallback["fragment_key"] is None
+    assert len(fallback["image_uris"]) == 2
+    assert key in fallback["fallback_reason"] and "corrupt" in fallback["fallback_reason"]
+    job_row = catalog.get_job("corrupt-fallback")
+    assert job_row.used_fallback and job_row.fallback_reason == fallback["fallback_reason"]
+
+    # The next chain for the prompt rebuilds the corrupt fragment in place instead of
+    # leaving the prompt on the full model forever; the new bytes pass the hash checks.
     job = farm.submit(PROMPT_B, variants=2, model="tiny-sd", batch_size=2)
     result = job.wait(timeout=CHAIN_TIMEOUT_S)
-    assert result.used_fallback and result.fragment_key is None
-    assert len(result.image_uris) == 2
-    [reason] = result.fallback_reasons
-    assert key in reason and "corrupt" in reason
-    job_row = catalog.get_job(result.job_ids[0])
-    assert job_row.used_fallback and job_row.fallback_reason == reason
     extract = farm.app.AsyncResult(job.stage_task_ids["extract"]).result
-    assert extract["key"] == key and extract["reused"]  # nothing extracted again
-    assert catalog.get_fragment(key).status == "corrupt"  # and not revived by validate
+    assert extract["key"] == key and not extract["reused"]
+    rebuilt = catalog.get_fragment(key)
+    assert rebuilt.status == "ready" and store.stat(name, verify=True).sha256 == rebuilt.file_sha256
+    assert result.fragment_key == key and not result.used_fallback
+    assert len(result.image_uris) == 2
 
 
 def _flower(cluster: Cluster, path: str, auth: tuple[str, str] | None = FLOWER_LOGIN) -> Any:
