@@ -50,10 +50,19 @@ task_time_limit = _settings.task_time_limit
 # Redis redelivers a message not acknowledged within visibility_timeout: it must be longer
 # than the longest task, or a running task is handed to a second worker. It is also how long
 # the tasks of a whole worker that was killed (main process and pool) wait before another
-# worker gets them: the hard time limit + REDELIVERY_MARGIN_S (default 960 + 60 s = 17 min).
+# worker gets them: the hard time limit + REDELIVERY_MARGIN_S (default 960 + 60 s = 17 min),
+# plus at most RESTORE_INTERVAL_S, how often the workers look for such messages. kombu
+# looks every unacked_restore_interval seconds but by default searches only on every 10th
+# look (unacked_restore_throttle), which added up to 100 s (found by the worker-kill drill,
+# python -m fragjobs.drills): every look searches here.
 # A pool process that dies alone is redelivered at once (task_reject_on_worker_lost).
 REDELIVERY_MARGIN_S = 60
-broker_transport_options = {"visibility_timeout": task_time_limit + REDELIVERY_MARGIN_S}
+RESTORE_INTERVAL_S = 10
+broker_transport_options = {
+    "visibility_timeout": task_time_limit + REDELIVERY_MARGIN_S,
+    "unacked_restore_interval": RESTORE_INTERVAL_S,
+    "unacked_restore_throttle": 1,
+}
 
 # Ride out a broker restart: publishing the next step of a chain (or a client's submit) is
 # retried for about two minutes before it gives up, and the worker keeps reconnecting.
@@ -66,6 +75,14 @@ task_publish_retry_policy = {
 }
 broker_connection_retry = True
 broker_connection_max_retries = None
+# The result backend (the same Redis) rides it out too: a task storing PROGRESS or its
+# result while the broker restarts waits for it (40 tries, backing off up to 10 s apart:
+# minutes) instead of failing: a task failing there was retried through a producer the
+# outage had broken and rejected for good, its images stored but its job lost (found by the
+# Redis-restart drill, python -m fragjobs.drills).
+result_backend_always_retry = True
+result_backend_max_retries = 40
+result_backend_max_sleep_between_retries_ms = 10_000
 
 task_default_queue = SHARED_QUEUE
 task_routes = {"fragjobs.*": {"queue": SHARED_QUEUE}}

@@ -32,13 +32,13 @@ from redis.exceptions import RedisError
 from fragjobs import chain
 from fragjobs.catalog import Catalog
 from fragjobs.errors import CatalogError
+from fragjobs.farm.launcher import EXIT_CATALOG_UNUSABLE
 from fragjobs.farm.registry import WarmRegistry
 from fragjobs.farm.settings import SHARED_QUEUE
 from fragjobs.logging_setup import install_redaction
 
 log = logging.getLogger("fragjobs.tasks")
 
-EXIT_CATALOG_UNUSABLE = 3
 
 _identity: dict[str, Any] = {"hostname": None, "queue": None, "app": None}
 _registry: list[WarmRegistry | None] = []

@@ -154,7 +154,8 @@ def test_celery_configuration_is_json_only():
         "print(json.dumps({n: getattr(c, n) for n in ('task_serializer', 'result_serializer',"
         " 'event_serializer', 'accept_content', 'result_accept_content', 'beat_scheduler',"
         " 'task_acks_late', 'task_reject_on_worker_lost', 'worker_prefetch_multiplier',"
-        " 'broker_transport_options', 'task_time_limit')}))"
+        " 'broker_transport_options', 'task_time_limit', 'result_backend_always_retry',"
+        " 'result_backend_max_retries')}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], env=farm_env(), capture_output=True, text=True, check=True
@@ -166,8 +167,12 @@ def test_celery_configuration_is_json_only():
     assert config["beat_scheduler"] == "celery.beat:Scheduler"  # not the pickle shelve
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
     assert config["worker_prefetch_multiplier"] == 1
-    visibility = config["broker_transport_options"]["visibility_timeout"]
-    assert visibility > config["task_time_limit"]
+    transport = config["broker_transport_options"]
+    assert transport["visibility_timeout"] > config["task_time_limit"]
+    # a killed worker's tasks are searched for every 10 s, not every 10th time (100 s)
+    assert (transport["unacked_restore_interval"], transport["unacked_restore_throttle"]) == (10, 1)
+    # storing PROGRESS or a result waits for a restarting broker instead of failing the task
+    assert config["result_backend_always_retry"] and config["result_backend_max_retries"] >= 20
 
 
 # -- locked down by default ------------------------------------------------------------------

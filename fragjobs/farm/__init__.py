@@ -2,6 +2,7 @@
 
 * :mod:`~fragjobs.farm.settings` — :class:`FarmSettings` (``FRAGJOBS_*``) and queue names;
 * :mod:`~fragjobs.farm.client` — :class:`Farm`: submit the chain, follow it, wait for it;
+* :mod:`~fragjobs.farm.results` — the client's result backend (polled, never subscribed);
 * :mod:`~fragjobs.farm.launcher` — one node's workers, one per GPU (``fragjobs farm start``);
 * :mod:`~fragjobs.farm.registry` — the warm-fragment registry behind fragment affinity;
 * :mod:`~fragjobs.farm.flower` — Flower with a login.

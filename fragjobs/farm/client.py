@@ -58,6 +58,9 @@ log = logging.getLogger("fragjobs.client")
 AFFINITY_INSPECT_TIMEOUT_S = 1.0
 """How long routing waits for the warm workers' ``inspect`` replies."""
 
+PIPELINE_INDEX_FILE = "model_index.json"
+"""What makes a folder a diffusers pipeline (the workers refuse a folder without it)."""
+
 _POLL_S = 0.5
 _RUNNING_STATES = ("STARTED", "PROGRESS", "RETRY", "SUCCESS")
 _QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -305,9 +308,13 @@ class Farm:
                     f"cannot import celeryconfig ({exc}): run from the fragjobs checkout or "
                     "put the folder holding celeryconfig.py on PYTHONPATH"
                 ) from exc
+            from fragjobs.farm.results import result_backend_url
+
             app.conf.update(
                 broker_url=self.settings.broker_url,
-                result_backend=self.settings.result_backend or self.settings.broker_url,
+                result_backend=result_backend_url(
+                    self.settings.result_backend or self.settings.broker_url
+                ),
             )
             self._app = app
         return self._app
@@ -494,9 +501,15 @@ class Farm:
         model = model.strip()
         if model in BUILTINS:
             return model
-        if Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+        if folder.is_dir():
+            if not (folder / PIPELINE_INDEX_FILE).is_file():
+                raise UnknownModelError(
+                    f"{folder} is not a diffusers pipeline folder (no {PIPELINE_INDEX_FILE}): "
+                    "give the folder that holds the pipeline's model_index.json"
+                )
             # workers run in other folders, maybe on other machines: send an absolute path
-            return str(Path(model).expanduser().resolve())
+            return str(folder.resolve())
         raise UnknownModelError(
             f"unknown model {model!r}: the farm runs a built-in ({', '.join(sorted(BUILTINS))}) "
             "or a diffusers folder that every worker can read (give its absolute path)"

@@ -10,8 +10,9 @@ too, so a CPU-only machine can serve the same chain.
 This launcher never imports torch or celery: CUDA is initialised only in the pool processes,
 after fork. SIGTERM and SIGINT are forwarded to the workers as SIGTERM (warm shutdown: each
 finishes its running task). When a worker exits on its own, the
-launcher starts it again (its siblings keep running); a worker that keeps dying stops the
-node, which exits non-zero for a supervisor to see.
+launcher starts it again (its siblings keep running; a node of one worker keeps running
+too); a worker that keeps dying, or refuses the catalog, stops the node, which exits
+non-zero for a supervisor to see.
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def project_root() -> Path | None:
     return root if (root / "celeryconfig.py").is_file() else None
 
 
+EXIT_CATALOG_UNUSABLE = 3
+"""A worker's exit status when it refuses the catalog (unreachable, schema out of date):
+starting it again cannot help, so the node stops with this status."""
 RESTART_LIMIT = 5
 """Restarts of one worker within :data:`RESTART_WINDOW_S` before the node gives up."""
 RESTART_WINDOW_S = 300.0
@@ -151,9 +155,11 @@ def run_workers(specs: Sequence[WorkerSpec], loglevel: str = "info") -> int:
 
     SIGTERM/SIGINT received here are forwarded as SIGTERM (warm shutdown). A worker that
     exits while no shutdown was asked for (killed, crashed) is started again, with the same
-    hostname and queues, without touching its siblings; one that needs more than
-    :data:`RESTART_LIMIT` restarts within :data:`RESTART_WINDOW_S` seconds is left down and
-    the node stops (a supervisor should look). The status is 0 after a requested shutdown in
+    hostname and queues, without touching its siblings, also when it was the node's only
+    worker; one that needs more than :data:`RESTART_LIMIT` restarts within
+    :data:`RESTART_WINDOW_S` seconds is left down and the node stops (a supervisor should
+    look), as it does at once when a worker refuses the catalog
+    (:data:`EXIT_CATALOG_UNUSABLE`). The status is 0 after a requested shutdown in
     which every worker exited cleanly, else the first non-zero worker status (128 + signal
     number for a worker killed by a signal).
     """
@@ -174,10 +180,20 @@ def run_workers(specs: Sequence[WorkerSpec], loglevel: str = "info") -> int:
     previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         processes.extend(start(spec) for spec in specs)
-        while any(p.poll() is None for p in processes):
+        # Until a shutdown is asked for, the node runs even with every worker down (a node of
+        # one worker whose worker was killed): each dead worker is started again.
+        while not stopping or any(p.poll() is None for p in processes):
             for i, (spec, process) in enumerate(zip(specs, processes, strict=True)):
                 if stopping or process.poll() is None:
                     continue
+                if process.returncode == EXIT_CATALOG_UNUSABLE:
+                    print(
+                        f"worker {spec.hostname} refused the catalog (its log says why): "
+                        "stopping the node",
+                        file=sys.stderr,
+                    )
+                    stop_all()
+                    break
                 now = time.monotonic()
                 restarts[i] = [t for t in restarts[i] if now - t < RESTART_WINDOW_S]
                 if len(restarts[i]) >= RESTART_LIMIT:

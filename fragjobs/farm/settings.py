@@ -20,7 +20,8 @@ class FarmSettings(Settings):
 
     * ``task_soft_time_limit`` (s, default 900): the task gets ``SoftTimeLimitExceeded``;
     * ``task_time_limit`` (s, default soft limit + 60): the pool process is killed; the
-      tasks of a whole worker that died are redelivered this + 60 s after they started;
+      tasks of a whole worker that died are redelivered this + 60 s after they started
+      (the workers look for them every 10 s);
     * ``max_task_attempts`` (default 3): a task (profile, extract, validate, revalidate, or a
       generation job) delivered more often than this is failed with the reason instead of
       being run again (a task that keeps killing its worker);

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from fragjobs.errors import InvalidInputError
+from fragjobs.errors import InvalidInputError, UnknownModelError
 from fragjobs.farm import (
     SHARED_QUEUE,
     FarmSettings,
@@ -214,6 +214,40 @@ def test_fidelity_is_checked_before_anything_is_queued(farm):
     _args, _kwargs, embed = json.loads(base64.b64decode(message["body"]))
     extract = embed["chain"][-1]
     assert extract["task"] == "fragjobs.extract" and extract["kwargs"]["knobs"]["fidelity"] == 0.97
+
+
+def test_a_folder_that_is_not_a_pipeline_is_refused_before_anything_is_queued(farm, tmp_path):
+    """Found by the malformed-spec drill: any existing folder used to be queued as a model."""
+    client, redis_client = farm
+    not_a_model = tmp_path / "photos"
+    not_a_model.mkdir()
+    with pytest.raises(UnknownModelError, match="not a diffusers pipeline folder"):
+        client.submit(PROMPT, variants=2, model=str(not_a_model))
+    assert redis_client.dbsize() == 0
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    client.submit("a blue moon", variants=2, model=str(pipeline), queue="gpu.a.cpu0")
+    [(name, _args, kwargs)] = _queued(redis_client, "gpu.a.cpu0")
+    assert name == "fragjobs.profile" and kwargs["knobs"]["model"] == str(pipeline.resolve())
+
+
+def test_the_client_polls_results_and_subscribes_to_nothing_when_sending(farm):
+    """Found by the Redis-restart drill: the subscription made as each task was sent gave up
+    after 20 s of broker outage, failing the submit that publishing would have ridden out."""
+    from fragjobs.farm.results import PollingRedisBackend
+
+    client, redis_client = farm
+    job = client.submit("a green star", variants=4, model="tiny-sd", batch_size=2)
+    backend = client.app.backend
+    assert isinstance(backend, PollingRedisBackend)
+    assert backend.result_consumer.subscribed_to == set()
+    assert job.progress()["state"] == "PENDING"  # read by polling
+    task_id = job.batches[0].task_id
+    backend.store_result(task_id, {"image_uris": []}, "SUCCESS")
+    assert job.progress()["batches"][0]["state"] == "SUCCESS"
+    assert client.app.AsyncResult(task_id).get(timeout=5) == {"image_uris": []}  # polled too
+    assert backend.result_consumer.subscribed_to == set()
 
 
 def test_pipeline_batch_size_is_the_tasks_batch_size(farm):

@@ -30,11 +30,9 @@ Skipped without Redis at 127.0.0.1:6379, PostgreSQL at 127.0.0.1:5432 or moto[se
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,13 +40,14 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import AWS_TEST_ENV, AWS_UNSET, S3_REGION, service_reachable
 
 from fragjobs.config import Settings
+from fragjobs.drills.cluster import FarmProcesses, fragjobs_cli
+from fragjobs.drills.services import free_port
 from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object, generation_object
 from fragjobs.storage import S3Store, WarmCache
 
@@ -139,67 +138,10 @@ def farm_env(tmp_path_factory, database_url, module_redis_db, bucket):
     return env
 
 
-# -- processes -------------------------------------------------------------------------------
-
-
-class Processes:
-    """Subprocesses of the farm, each in its own process group (killed at the end)."""
-
-    def __init__(self, env: dict[str, str], root: Path) -> None:
-        self.env, self.root = env, root
-        self.running: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, command: list[str], **extra_env: str) -> subprocess.Popen:
-        folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / "out.log").open("ab") as log:
-            process = subprocess.Popen(
-                command,
-                env={**self.env, **extra_env},
-                cwd=folder,  # not the checkout: the launcher must find celeryconfig itself
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.running[name] = process
-        return process
-
-    def start_node(self, node: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "fragjobs.cli", "farm", "start"]
-        return self.start(
-            node,
-            [*command, "--cpu-workers", "1", "--node", node],
-            FRAGJOBS_DATA_DIR=str(self.root / node / "data"),
-            FRAGJOBS_CACHE_DIR=str(self.cache_dir(node)),
-        )
-
-    def cache_dir(self, node: str) -> Path:
-        return self.root / node / "cache"
-
-    def log(self, name: str) -> str:
-        return (self.root / name / "out.log").read_text(errors="replace")[-4000:]
-
-    def kill_all(self) -> None:
-        for process in self.running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fragjobs.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# -- the cluster -----------------------------------------------------------------------------
+#
+# The farm's processes run as the drills run theirs (fragjobs.drills.cluster.FarmProcesses):
+# each node in a session of its own, its output in <root>/<name>/out.log, all killed at the end.
 
 
 @dataclass
@@ -207,7 +149,7 @@ class Cluster:
     """The module's farm: processes, a Farm client, the bucket and what earlier tests built."""
 
     env: dict[str, str]
-    processes: Processes
+    processes: FarmProcesses
     farm: Any
     bucket: Bucket
     flower_url: str
@@ -249,7 +191,7 @@ class Cluster:
 def cluster(farm_env, bucket, tmp_path_factory):
     from fragjobs.client import Farm
 
-    processes = Processes(farm_env, tmp_path_factory.mktemp("nodes"))
+    processes = FarmProcesses(farm_env, tmp_path_factory.mktemp("nodes"))
     settings = Settings(
         **{
             name: farm_env[f"FRAGJOBS_{name.upper()}"]
@@ -267,12 +209,12 @@ def cluster(farm_env, bucket, tmp_path_factory):
         refused = processes.start_node("nodeA")
         refused.wait(timeout=START_TIMEOUT_S)
         refused_log = processes.log("nodeA")
-        upgrade = _cli(farm_env, "db", "upgrade")
+        upgrade = fragjobs_cli(farm_env, "db", "upgrade")
         assert upgrade.returncode == 0, upgrade.stderr
 
         for node in NODES:
             processes.start_node(node)
-        port = _free_port()
+        port = free_port()
         processes.start(
             "flower",
             [sys.executable, "-m", "fragjobs.cli", "flower", "--port", str(port)],
@@ -314,7 +256,7 @@ def _object(key: str, filename: str) -> str:
 
 def test_chain_runs_across_two_nodes_on_postgres_and_s3(cluster):
     assert cluster.refused.returncode != 0 and "fragjobs db upgrade" in cluster.refused_log
-    status = _cli(cluster.env, "farm", "status", timeout=60)
+    status = fragjobs_cli(cluster.env, "farm", "status", timeout=60)
     assert status.returncode == 0, status.stderr
     for node in NODES:
         assert f"{WORKERS[node]}  queues=gpu,{OWN_QUEUES[node]}" in status.stdout
@@ -387,7 +329,7 @@ def test_node_b_generates_with_node_a_fragment_fetched_once(cluster):
     assert [f.key for f in catalog.list_fragments() if f.prompt == PROMPT_B] == [key]
 
     # Both nodes now hold the fragment warm and say so; the next job's batches go to them.
-    status = _cli(cluster.env, "farm", "status", timeout=60)
+    status = fragjobs_cli(cluster.env, "farm", "status", timeout=60)
     for node in NODES:
         line = next(ln for ln in status.stdout.splitlines() if ln.startswith(WORKERS[node]))
         assert key in line.split("warm=")[1]
@@ -403,7 +345,7 @@ def test_node_b_generates_with_node_a_fragment_fetched_once(cluster):
 def test_farm_run_command_shows_progress_and_prints_the_images(cluster):
     key = cluster.ready_key(PROMPT)
     flags = ["--model", "tiny-sd", "--variants", "3", "--batch-size", "2"]
-    run = _cli(cluster.env, "farm", "run", PROMPT, *flags)
+    run = fragjobs_cli(cluster.env, "farm", "run", PROMPT, *flags)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["fragment_key"] == key and len(out["images"]) == 3 and out["errors"] == []

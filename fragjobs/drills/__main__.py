@@ -1,0 +1,7 @@
+"""``python -m fragjobs.drills``: see :mod:`fragjobs.drills.command`."""
+
+import sys
+
+from fragjobs.drills.command import main
+
+sys.exit(main())
