@@ -98,6 +98,7 @@ def run(
     root = Path(out_dir) if out_dir is not None else default_reports_root(ws.settings)
     model = knobs.model
 
+    load_thresholds(ws.settings.thresholds_path)  # a malformed gate file: refused before work
     t0 = time.perf_counter()
     prof = profile(
         prompt,

@@ -235,3 +235,24 @@ def test_a_prompt_the_text_encoder_cuts_short_gets_a_note(tiny_pipe):
     assert truncation_note(tiny_pipe, PROMPT) is None
     note = truncation_note(tiny_pipe, "a red circle on the left of a blue square " * 6)
     assert "reads 77" in note and "tokens long" in note
+
+
+def test_a_malformed_thresholds_file_is_refused_before_any_work(settings, tmp_path, monkeypatch):
+    from fragjobs.cli import main
+    from fragjobs.config import get_settings
+
+    bad = tmp_path / "gate.yaml"
+    bad.write_text("ssim_min: [not, a, number]\n")
+    monkeypatch.setenv("FRAGJOBS_THRESHOLDS_PATH", str(bad))
+    get_settings.cache_clear()
+    chain.reset_process_state()
+    try:
+        result = CliRunner().invoke(main, ["run", PROMPT, "--model", "tiny-sd"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2 and "error:" in result.output
+    ws = chain.Workspace.open(get_settings())
+    try:
+        assert ws.catalog.list_fragments() == [] and ws.store.list("") == []
+    finally:
+        ws.close()
