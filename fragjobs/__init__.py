@@ -17,8 +17,7 @@ Heavy modules are imported on first use, so ``import fragjobs`` stays fast.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fragjobs.lazy_exports import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -41,7 +40,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fragjobs' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)

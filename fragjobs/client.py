@@ -6,15 +6,13 @@ only names it, so that importing it costs nothing until a name is used.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fragjobs.lazy_exports import lazy_getattr
 
 _NAMES = ("Farm", "FarmJob", "FarmResult", "Batch", "plan_batch_queues")
+
+_EXPORTS = dict.fromkeys(_NAMES, "fragjobs.farm.client")
 
 __all__ = list(_NAMES)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(import_module("fragjobs.farm.client"), name)
-    raise AttributeError(f"module 'fragjobs.client' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)

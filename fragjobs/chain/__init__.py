@@ -28,8 +28,7 @@ Names are imported from their modules on first use, so that importing one light 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fragjobs.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "collect_garbage": "fragjobs.chain.maintenance",
@@ -87,9 +86,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fragjobs.chain' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)

@@ -13,8 +13,7 @@ commands that only read settings stay fast. The Celery app and its tasks are in 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fragjobs.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "FarmSettings": "fragjobs.farm.settings",
@@ -45,7 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fragjobs.farm' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)

@@ -18,8 +18,7 @@ report ls|show|--compare``) does not load torch.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fragjobs.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "SCHEMA": "fragjobs.reports.summary",
@@ -43,9 +42,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fragjobs.reports' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)

@@ -6,8 +6,7 @@ does not load torch, which the metrics need.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fragjobs.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "GATE_METRICS": "fragjobs.validation.gate",
@@ -29,9 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fragjobs.validation' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)
