@@ -101,6 +101,35 @@ class Settings(BaseSettings):
         description="'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'.",
     )
     max_variants: int = Field(default=10_000, gt=0)
+    memory_budget_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory a node's generation may use, in MiB; default: the device's free "
+        "memory × 0.8, read when a job starts.",
+    )
+    library_max_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Size cap of the shared fragment library; least recently used unpinned "
+        "fragments are evicted past it. Unset: no cap.",
+    )
+    cache_weight_extraction_cost: float = Field(
+        default=1.0, ge=0, description="should_cache_fragment: weight of the seconds saved."
+    )
+    cache_weight_size: float = Field(
+        default=1.0, ge=0, description="should_cache_fragment: weight of the bytes it costs."
+    )
+    cache_weight_popularity: float = Field(
+        default=1.0, ge=0, description="should_cache_fragment: weight of the prompt's jobs."
+    )
+    cache_weight_similar_reuse: float = Field(
+        default=1.0, ge=0, description="should_cache_fragment: weight of similar prompts' jobs."
+    )
+    cache_share_threshold: float = Field(
+        default=0.0,
+        description="should_cache_fragment: a score at or above this goes to the shared "
+        "library, below it stays node-local.",
+    )
 
     @field_validator("data_dir", "cache_dir", mode="after")
     @classmethod

@@ -1,6 +1,7 @@
 """SQLAlchemy ORM of the fragjobs catalog: the only place its tables are declared."""
 
 from models.catalog import (
+    FRAGMENT_PLACEMENTS,
     FRAGMENT_STATUSES,
     JOB_STATUSES,
     Base,
@@ -17,6 +18,7 @@ from models.catalog import (
 )
 
 __all__ = [
+    "FRAGMENT_PLACEMENTS",
     "FRAGMENT_STATUSES",
     "JOB_STATUSES",
     "Base",

@@ -16,7 +16,9 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -29,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 FRAGMENT_STATUSES = ("building", "ready", "failed_gate", "corrupt", "evicted")
+FRAGMENT_PLACEMENTS = ("shared", "local")
 JOB_STATUSES = ("queued", "running", "done", "failed")
 
 # Deterministic constraint names, so that migrations can refer to them on every backend.
@@ -121,7 +124,11 @@ class FragmentRow(Base):
     """A fragment: a prompt-specialised edit of a base model, stored as a folder of objects."""
 
     __tablename__ = "fragments"
-    __table_args__ = (CheckConstraint(_in(FRAGMENT_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(_in(FRAGMENT_STATUSES), name="status"),
+        CheckConstraint(_in(FRAGMENT_PLACEMENTS), name="placement"),
+        Index("ix_fragments_lookup", "base_model_id", "status", "prompt_hash"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)
@@ -139,6 +146,16 @@ class FragmentRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     hit_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    prompt_hash: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of the normalised prompt (``fragjobs.keys.prompt_hash``): the exact lookup."""
+    prompt_embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The prompt's pooled text embedding as little-endian float32 bytes: the similar lookup."""
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """A pinned fragment is never evicted by the library's size cap."""
+    placement: Mapped[str] = mapped_column(
+        String(16), default="shared", server_default=text("'shared'")
+    )
+    """``shared``: in the shared library; ``local``: kept only on the node that built it."""
 
     profile: Mapped[ProfileRow] = relationship(lazy="joined")
 
@@ -177,6 +194,8 @@ class GenerationJobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     used_fallback: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     fallback_reason: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None]
+    """What the job measured and did (batch sizes, memory steps taken on out-of-memory)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 

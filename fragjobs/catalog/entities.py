@@ -67,6 +67,9 @@ class FragmentEntity:
     updated_at: datetime
     last_used_at: datetime | None
     hit_count: int
+    prompt_hash: str | None = None
+    pinned: bool = False
+    placement: str = "shared"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class JobEntity:
     fallback_reason: str | None
     created_at: datetime
     finished_at: datetime | None
+    metrics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from fragjobs.catalog.entities import FragmentEntity, _fragment
 from fragjobs.catalog.profiles import _profile_row
 from fragjobs.errors import NotFoundError
 from fragjobs.keys import check_int, normalise_prompt, validate_key
+from fragjobs.keys import prompt_hash as hash_prompt
 from models import FRAGMENT_STATUSES, FragmentRow, utcnow
 
 
@@ -70,6 +71,7 @@ class FragmentsMixin(CatalogCore):
                 profile=profile,
                 base_model_id=base_model_id,
                 prompt=prompt,
+                prompt_hash=hash_prompt(prompt),
                 params=params,
                 status="building",
                 storage_uri=storage_uri,
