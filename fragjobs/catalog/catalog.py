@@ -7,6 +7,7 @@ from fragjobs.catalog.database import _is_sqlite
 from fragjobs.catalog.deliveries import DeliveriesMixin
 from fragjobs.catalog.fragments import FragmentsMixin
 from fragjobs.catalog.jobs import JobsMixin
+from fragjobs.catalog.library_cache import LibraryCacheMixin
 from fragjobs.catalog.lineage import LineageMixin
 from fragjobs.catalog.profiles import ProfilesMixin
 from fragjobs.catalog.schema import upgrade_database
@@ -22,6 +23,7 @@ class Catalog(
     JobsMixin,
     DeliveriesMixin,
     LineageMixin,
+    LibraryCacheMixin,
 ):
     """The catalog database at a SQLAlchemy URL.
 
