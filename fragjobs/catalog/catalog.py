@@ -9,6 +9,7 @@ from fragjobs.catalog.fragments import FragmentsMixin
 from fragjobs.catalog.jobs import JobsMixin
 from fragjobs.catalog.library_cache import LibraryCacheMixin
 from fragjobs.catalog.lineage import LineageMixin
+from fragjobs.catalog.lookup import LookupMixin
 from fragjobs.catalog.profiles import ProfilesMixin
 from fragjobs.catalog.schema import upgrade_database
 from fragjobs.catalog.validations import ValidationsMixin
@@ -23,6 +24,7 @@ class Catalog(
     JobsMixin,
     DeliveriesMixin,
     LineageMixin,
+    LookupMixin,
     LibraryCacheMixin,
 ):
     """The catalog database at a SQLAlchemy URL.

@@ -1,0 +1,228 @@
+"""The similar-prompt index: the ready fragments' prompt embeddings as one matrix per base model.
+
+A similar lookup is one matrix-vector product over the embeddings held in memory, not a read
+of every fragment's manifest. The matrix is filled from the catalog's ``prompt_embedding``
+column once (the cold build) and then refreshed incrementally before each lookup: only the
+ready rows with an id above the last one seen, and the rows updated since the last refresh
+(whatever their status, so a fragment that is evicted, marked corrupt or deleted and rebuilt
+stops matching). The refresh window overlaps the previous one by :data:`OVERLAP_S` seconds,
+so writers whose clocks lag this process's by less than that are not missed; rows seen twice
+are applied twice, which changes nothing.
+
+The index is a hint, never the authority: :mod:`fragjobs.library` confirms a candidate with
+the catalog (its status, that it still exists) before returning it, and drops it from the
+index when it is no longer ready. A deleted fragment therefore never comes back, even though
+a deletion leaves no ``updated_at`` to find.
+
+A ready row whose embedding was never written (made before the column existed, or recorded
+by a catalog rebuild) is backfilled from its manifest once, through the callable given to
+:meth:`SimilarityIndex.refresh`; the catalog then holds it and it is not read again. A
+manifest that cannot be read is skipped for the life of this index (logged once), so a
+broken fragment costs one read per process, not one per lookup.
+
+pgvector is not used: the in-memory scan is what is implemented and tested (PostgreSQL and
+SQLite); ``python -m fragjobs.bench_catalog`` measures it on 100,000 fragments.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import numpy as np
+
+from fragjobs.catalog.lookup import EmbeddingRow
+from fragjobs.errors import FragjobsError
+from fragjobs.manifest import ReuseLayer
+
+log = logging.getLogger("fragjobs")
+
+READY = "ready"
+OVERLAP_S = 30.0
+DEFAULT_THRESHOLD = float(ReuseLayer.model_fields["threshold"].default)
+"""The reuse threshold of a row that records none (the manifest's default)."""
+
+Backfill = Callable[[str], tuple[list[float] | None, float | None]]
+"""Fragment key → (its prompt embedding or None, its reuse threshold), from its manifest."""
+
+
+class EmbeddingSource(Protocol):
+    """What the index needs of the catalog (:class:`~fragjobs.catalog.Catalog` is one)."""
+
+    def ready_embeddings_since(
+        self, base_model_id: int, after_id: int = 0, updated_after: datetime | None = None
+    ) -> list[EmbeddingRow]: ...
+
+    def set_fragment_embedding(
+        self, key: str, vector: list[float] | None, threshold: float | None = None
+    ) -> None: ...
+
+
+@dataclass
+class _Block:
+    """One base model's embeddings: slot ``i`` holds ``keys[i]`` (None: a free slot)."""
+
+    dim: int | None = None
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    keys: list[str | None] = field(default_factory=list)
+    slot_of: dict[int, int] = field(default_factory=dict)
+    id_of_key: dict[str, int] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)
+    after_id: int = 0
+    updated_after: datetime | None = None
+    unreadable: set[int] = field(default_factory=set)
+
+    def put(self, row_id: int, key: str, vector: np.ndarray, threshold: float) -> None:
+        if self.dim is None:
+            self.dim = vector.shape[0]
+            self.vectors = np.zeros((64, self.dim), np.float32)
+            self.thresholds = np.full(64, np.inf, np.float32)
+        if vector.shape[0] != self.dim:
+            log.debug("fragment %s: embedding of size %d, not %d", key, vector.shape[0], self.dim)
+            self.remove(row_id)
+            return
+        slot = self.slot_of.get(row_id)
+        if slot is None:
+            slot = self.free.pop() if self.free else self._append_slot()
+            self.slot_of[row_id] = slot
+            self.id_of_key[key] = row_id
+        self.vectors[slot] = vector
+        self.thresholds[slot] = threshold
+        self.keys[slot] = key
+
+    def _append_slot(self) -> int:
+        slot = len(self.keys)
+        if slot == self.vectors.shape[0]:  # grow by doubling: amortised O(1) per fragment
+            self.vectors = np.concatenate([self.vectors, np.zeros_like(self.vectors)])
+            self.thresholds = np.concatenate(
+                [self.thresholds, np.full_like(self.thresholds, np.inf)]
+            )
+        self.keys.append(None)
+        return slot
+
+    def remove(self, row_id: int) -> None:
+        slot = self.slot_of.pop(row_id, None)
+        if slot is None:
+            return
+        self.id_of_key.pop(self.keys[slot] or "", None)
+        self.vectors[slot] = 0.0
+        self.thresholds[slot] = np.inf  # a free slot never matches
+        self.keys[slot] = None
+        self.free.append(slot)
+
+
+class SimilarityIndex:
+    """The prompt embeddings of one catalog's ready fragments, by base model.
+
+    Args:
+        source: the catalog (anything with ``ready_embeddings_since`` and
+            ``set_fragment_embedding``).
+
+    Example::
+
+        index = SimilarityIndex(catalog)
+        index.refresh(base_id)
+        index.candidates(base_id, embedding)  # [(key, cosine), ...], best first
+    """
+
+    def __init__(self, source: EmbeddingSource) -> None:
+        self._source = source
+        self._blocks: dict[int, _Block] = {}
+        self._lock = threading.Lock()
+        self.cold_build_s: dict[int, float] = {}
+        """Seconds the first refresh of each base model took (the cold build)."""
+
+    def size(self, base_model_id: int) -> int:
+        """How many fragments of this base the index holds."""
+        block = self._blocks.get(base_model_id)
+        return len(block.slot_of) if block is not None else 0
+
+    def refresh(self, base_model_id: int, backfill: Backfill | None = None) -> int:
+        """Apply the catalog's changes since the last refresh; return how many rows were read.
+
+        Args:
+            base_model_id: the base model whose fragments to refresh.
+            backfill: reads a fragment's embedding and threshold from its manifest, for ready
+                rows whose embedding column was never written; without it they are skipped
+                (and tried again on the next refresh that has one).
+        """
+        with self._lock:
+            block = self._blocks.setdefault(base_model_id, _Block())
+            cold = block.updated_after is None and not block.slot_of
+            started = time.perf_counter()
+            since = datetime.now(UTC) - timedelta(seconds=OVERLAP_S)
+            rows = self._source.ready_embeddings_since(
+                base_model_id, block.after_id, block.updated_after
+            )
+            for row in rows:
+                self._apply(block, row, backfill)
+                block.after_id = max(block.after_id, row.id)
+            block.updated_after = since
+            if cold:
+                self.cold_build_s[base_model_id] = time.perf_counter() - started
+            return len(rows)
+
+    def _apply(self, block: _Block, row: EmbeddingRow, backfill: Backfill | None) -> None:
+        if row.status != READY:
+            block.remove(row.id)
+            return
+        embedding, threshold = row.embedding, row.threshold
+        if embedding is None:
+            if backfill is None or row.id in block.unreadable:
+                return
+            try:
+                vector, threshold = backfill(row.key)
+                self._source.set_fragment_embedding(row.key, vector, threshold)
+            except FragjobsError as exc:
+                block.unreadable.add(row.id)
+                log.warning("fragment %s has no embedding for similar lookups: %s", row.key, exc)
+                return
+            embedding = b"" if vector is None else np.asarray(vector, "<f4").tobytes()
+        if not embedding:
+            block.remove(row.id)
+            return
+        stored = np.frombuffer(embedding, "<f4").astype(np.float32)
+        norm = float(np.linalg.norm(stored))
+        if not np.isfinite(norm) or norm == 0.0:
+            block.remove(row.id)
+            return
+        block.put(
+            row.id, row.key, stored / norm, DEFAULT_THRESHOLD if threshold is None else threshold
+        )
+
+    def candidates(
+        self, base_model_id: int, embedding: np.ndarray, limit: int = 8
+    ) -> list[tuple[str, float]]:
+        """Up to ``limit`` ``(key, cosine)`` at or above their threshold, most similar first.
+
+        ``embedding`` is a 1-D vector (any norm); one of another size than the base's
+        embeddings matches nothing.
+        """
+        query = np.asarray(embedding, np.float32).reshape(-1)
+        with self._lock:
+            block = self._blocks.get(base_model_id)
+            if block is None or block.dim != query.shape[0] or not block.slot_of:
+                return []
+            norm = float(np.linalg.norm(query))
+            if not np.isfinite(norm) or norm == 0.0:
+                return []
+            used = len(block.keys)
+            sims = block.vectors[:used] @ (query / norm)
+            hits = np.flatnonzero(sims >= block.thresholds[:used])
+            if hits.size > limit:
+                hits = hits[np.argpartition(-sims[hits], limit - 1)[:limit]]
+            hits = hits[np.argsort(-sims[hits], kind="stable")]
+            return [(block.keys[i], float(sims[i])) for i in hits]  # type: ignore[misc]
+
+    def drop(self, base_model_id: int, key: str) -> None:
+        """Forget fragment ``key`` (the catalog says it is gone or no longer ready)."""
+        with self._lock:
+            block = self._blocks.get(base_model_id)
+            if block is not None and key in block.id_of_key:
+                block.remove(block.id_of_key[key])
