@@ -129,14 +129,38 @@ def _quiet_loading_bars() -> None:
 def model_source(source: str, name: str) -> str:
     """What :func:`load_base` takes to load a base again from its recorded ``source``.
 
-    ``builtin:NAME`` → ``NAME``, ``folder:/abs/path`` → the path, ``hub:ID`` → ``ID``;
-    anything else → ``name``. A folder's catalog name is only its last path part, so a chain
-    step that reloads a base must use this, not the name.
+    ``builtin:NAME`` → ``NAME``, ``folder:/abs/path`` → the path, ``hub:ID`` → ``ID``,
+    ``store:SHA256`` → ``store:SHA256`` unchanged (a base in the shared store, fetched into the
+    node cache by :func:`fragjobs.chain.bases.base`); anything else → ``name``. A folder's
+    catalog name is only its last path part, so a chain step that reloads a base must use
+    this, not the name.
     """
     kind, _, where = (source or "").partition(":")
+    if kind == "store" and where:
+        return source
     if kind in ("builtin", "folder", "hub") and where:
         return where
     return name
+
+
+def folder_sha256(folder: Path, name: str, settings: Settings | None = None) -> str:
+    """The sha256 of the diffusers folder ``folder`` as base ``name``, without loading it.
+
+    The same value, and the same cache entry, as :func:`load_base` computes for the folder
+    when ``name`` is the folder's own name.
+
+    Raises:
+        UnknownModelError: the folder holds no weight files.
+    """
+    settings = settings or get_settings()
+    stats = [
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    ]
+    return _cached_hash(
+        ("folder", str(folder), name, stats), settings, lambda: hash_weight_files(folder, name)
+    )
 
 
 def identify(pipe: Any, settings: Settings | None = None) -> BaseModelInfo:

@@ -44,3 +44,36 @@ class BaseModelsMixin(CatalogCore):
         """
         with self._transaction() as session:
             return _base_model(_base_model_row(session, base_model_id))
+
+    def find_base_model(self, sha256: str) -> BaseModelEntity | None:
+        """The base model with ``sha256``, or None when the catalog has none."""
+        _check_sha256(sha256, "base model sha256")
+        with self._transaction() as session:
+            row = session.scalars(
+                select(BaseModelRow).where(BaseModelRow.sha256 == sha256)
+            ).one_or_none()
+            return None if row is None else _base_model(row)
+
+    def list_base_models(self) -> list[BaseModelEntity]:
+        """Every base model, by name then id."""
+        with self._transaction() as session:
+            query = select(BaseModelRow).order_by(BaseModelRow.name, BaseModelRow.id)
+            return [_base_model(row) for row in session.scalars(query)]
+
+    def set_base_model_source(self, sha256: str, source: str) -> BaseModelEntity:
+        """Record where the base model with ``sha256`` is loaded from from now on.
+
+        Raises:
+            NotFoundError: no base model has this sha256.
+        """
+        _check_sha256(sha256, "base model sha256")
+        _check_text(source, "base model source")
+        with self._transaction() as session:
+            row = session.scalars(
+                select(BaseModelRow).where(BaseModelRow.sha256 == sha256)
+            ).one_or_none()
+            if row is None:
+                raise NotFoundError(f"base model {sha256} is not in the catalog")
+            row.source = source
+            session.flush()
+            return _base_model(row)

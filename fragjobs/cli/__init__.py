@@ -10,7 +10,9 @@ torch or diffusers.
   ``generate``, ``eval-model``, ``results``;
 * :mod:`~fragjobs.cli.catalog_commands` — ``fragments``, ``db``, ``revalidate``;
 * :mod:`~fragjobs.cli.farm_commands` — ``farm start|status|run``, ``flower``;
+* :mod:`~fragjobs.cli.models_commands` — ``models add|ls``: base models in the shared store;
 * :mod:`~fragjobs.cli.report_commands` — ``report ls|show|html``, ``report --compare --gate``;
+* :mod:`~fragjobs.cli.doctor_commands` — ``doctor``: is this setup able to run;
 * :mod:`~fragjobs.cli.options` — one-line errors and the chain's knobs as options.
 """
 
@@ -21,7 +23,14 @@ import warnings
 
 import click
 
-from fragjobs.cli import catalog_commands, chain_commands, farm_commands, report_commands
+from fragjobs.cli import (
+    catalog_commands,
+    chain_commands,
+    doctor_commands,
+    farm_commands,
+    models_commands,
+    report_commands,
+)
 from fragjobs.logging_setup import configure_logging
 
 
@@ -45,7 +54,14 @@ def main(verbose: int) -> None:
         warnings.filterwarnings("ignore", module=r"(transformers|diffusers|huggingface_hub)\b")
 
 
-for _module in (chain_commands, catalog_commands, farm_commands, report_commands):
+for _module in (
+    chain_commands,
+    catalog_commands,
+    farm_commands,
+    models_commands,
+    report_commands,
+    doctor_commands,
+):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
