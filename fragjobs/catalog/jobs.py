@@ -12,6 +12,7 @@ from fragjobs.catalog.bases import _base_model_row
 from fragjobs.catalog.checks import (
     _check_aware,
     _check_fields,
+    _check_json_object,
     _check_sha256,
     _check_status,
     _check_text,
@@ -85,15 +86,25 @@ class JobsMixin(CatalogCore):
 
     def update_job(self, job_id: str, **changes: Any) -> JobEntity:
         """Set some of ``status``, ``used_fallback``, ``fallback_reason``, ``fragment_key``,
-        ``finished_at`` (timezone-aware) of job ``job_id``; return the updated job.
+        ``finished_at`` (timezone-aware), ``metrics`` (a JSON object or None) of job
+        ``job_id``; return the updated job.
 
         Raises:
             InvalidInputError: an unknown field or an invalid value.
             NotFoundError: there is no job ``job_id`` (or no fragment ``fragment_key``).
         """
         validate_key(job_id)
-        allowed = {"status", "used_fallback", "fallback_reason", "fragment_key", "finished_at"}
+        allowed = {
+            "status",
+            "used_fallback",
+            "fallback_reason",
+            "fragment_key",
+            "finished_at",
+            "metrics",
+        }
         _check_fields(changes, allowed, "job")
+        if changes.get("metrics") is not None:
+            _check_json_object(changes["metrics"], "job metrics")
         if "status" in changes:
             _check_status(changes["status"], JOB_STATUSES, "job")
         if "used_fallback" in changes and not isinstance(changes["used_fallback"], bool):

@@ -1,5 +1,11 @@
-"""Seed variants in batches, timing and memory figures."""
+"""Seed variants in batches within a memory budget, timing and memory figures."""
 
+from fragjobs.generation.budget import (
+    MemoryBudget,
+    check_budget_mb,
+    choose_batch_size,
+    estimate_per_sample_bytes,
+)
 from fragjobs.generation.generate import (
     GenerationConfig,
     decode_latents,
@@ -10,11 +16,23 @@ from fragjobs.generation.generate import (
     with_unet,
 )
 from fragjobs.generation.memory import memory_report, peak_rss_bytes, process_rss_bytes
+from fragjobs.generation.oom_ladder import (
+    BudgetedGeneration,
+    generate_within_budget,
+    is_out_of_memory,
+)
 
 __all__ = [
+    "BudgetedGeneration",
     "GenerationConfig",
+    "MemoryBudget",
+    "check_budget_mb",
+    "choose_batch_size",
     "decode_latents",
+    "estimate_per_sample_bytes",
     "generate_images",
+    "generate_within_budget",
+    "is_out_of_memory",
     "latency_samples_ms",
     "measure_latency_ms",
     "memory_report",
