@@ -1,8 +1,11 @@
-"""Worker start-up and shutdown: refuse an unusable catalog, own workspaces, affinity.
+"""Worker start-up and shutdown: refuse an unhealthy node, own workspaces, affinity.
 
-* ``worker_init`` (main worker process, before the pool forks): the catalog must be reachable
-  and at this code's schema revision; otherwise the worker logs why (with the command that
-  fixes it) and exits with status :data:`EXIT_CATALOG_UNUSABLE` instead of failing every task.
+* ``worker_init`` (main worker process, before the pool forks and before any task is taken):
+  the embedded SQLite catalog is migrated, then ``fragjobs doctor`` runs with the farm's
+  checks, in a child process (the device check initialises CUDA, which the main process must
+  not do before it forks). When a check the farm needs fails (catalog unreachable or out of
+  date, store not writable, broker, device, ...) the worker logs every line, with its fix, and
+  exits with status :data:`EXIT_WORKER_REFUSED` instead of failing every task.
   The worker's hostname and own queue (``gpu.<node>.<i>``) are noted for the advertisements.
 * ``worker_process_init`` (each pool process, after fork): forget the workspaces inherited
   from the parent, so that no database connection or pool is shared across processes, and
@@ -15,6 +18,7 @@ process holds warm (:class:`fragjobs.farm.registry.WarmRegistry`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -29,10 +33,10 @@ from celery.signals import (
 )
 from redis.exceptions import RedisError
 
-from fragjobs import chain
+from fragjobs import chain, doctor
 from fragjobs.catalog import Catalog
 from fragjobs.errors import CatalogError
-from fragjobs.farm.launcher import EXIT_CATALOG_UNUSABLE
+from fragjobs.farm.launcher import EXIT_WORKER_REFUSED
 from fragjobs.farm.registry import WarmRegistry
 from fragjobs.farm.settings import SHARED_QUEUE
 from fragjobs.logging_setup import install_redaction
@@ -52,19 +56,25 @@ def mask_credentials(logger: Any = None, **_: Any) -> None:
 
 
 @worker_init.connect
-def refuse_unusable_catalog(**_: Any) -> None:
-    """Exit the worker when the catalog is unreachable or its schema is out of date.
+def refuse_to_start_unhealthy(**_: Any) -> None:
+    """Exit the worker, before it takes any task, when ``fragjobs doctor --farm`` fails.
 
-    The embedded SQLite file is migrated here, as the embedded default always is; a server
+    The embedded SQLite file is migrated first, as the embedded default always is; a server
     database (PostgreSQL) is only checked: it is migrated by ``fragjobs db upgrade``.
     """
-    try:
-        catalog = Catalog.open_embedded()
-    except CatalogError as exc:
-        log.critical("fragjobs worker refuses to start: %s", exc)
+    with contextlib.suppress(CatalogError):  # the doctor's database check says why
+        Catalog.open_embedded().dispose()
+    checks = doctor.run_in_subprocess(farm=True)
+    for check in checks:
+        log.log(logging.INFO if check.status == doctor.OK else logging.WARNING, check.line())
+    broken = [check for check in checks if check.broken]
+    if broken:
+        log.critical(
+            "fragjobs worker refuses to start: %s",
+            "; ".join(check.line() for check in broken),
+        )
         # A signal receiver's exceptions are logged and swallowed by Celery; SystemExit is not.
-        sys.exit(EXIT_CATALOG_UNUSABLE)
-    catalog.dispose()
+        sys.exit(EXIT_WORKER_REFUSED)
 
 
 @worker_init.connect

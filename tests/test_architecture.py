@@ -49,7 +49,13 @@ COMFYUI_MODULES = (
     "nodes",
     "server",
 )
-UPPER_LAYERS = ("fragjobs.chain", "fragjobs.farm", "fragjobs.client", "fragjobs.bench")
+UPPER_LAYERS = (
+    "fragjobs.chain",
+    "fragjobs.farm",
+    "fragjobs.client",
+    "fragjobs.bench",
+    "fragjobs.doctor",
+)
 CORE = DOMAIN + UPPER_LAYERS + ("fragjobs.cli", "tasks", "celeryconfig", "models", "migrations")
 
 # (who, what it must not import, why)
@@ -92,6 +98,17 @@ RULES = [
 # the command line only as subprocesses and talk to Redis only through the farm's client.
 DRILLS = ("fragjobs.drills",)
 RULES.append((DRILLS, ("click", "tasks", "fragjobs.cli", "fragjobs.bench"), "the drills"))
+# The doctor (fragjobs doctor, python -m fragjobs.doctor): over the domain and the farm's
+# checks; run by the command line and, as a subprocess, by the workers.
+DOCTOR = ("fragjobs.doctor",)
+RULES.append(
+    (
+        DOCTOR,
+        FARM_LIBRARIES + ("click", "tasks", "fragjobs.cli", "fragjobs.bench", "fragjobs.chain"),
+        "the doctor",
+    )
+)
+RULES.append((("fragjobs.chain", "fragjobs.farm"), DOCTOR, "the chain and the farm"))
 ONLY_FARM_SIDE_TALKS_TO_CELERY = ("tasks", "celeryconfig", "fragjobs.farm")
 NEVER_IMPORTED_BY_OTHERS = ("fragjobs.cli", "fragjobs.drills")
 

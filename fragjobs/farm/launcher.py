@@ -11,8 +11,8 @@ This launcher never imports torch or celery: CUDA is initialised only in the poo
 after fork. SIGTERM and SIGINT are forwarded to the workers as SIGTERM (warm shutdown: each
 finishes its running task). When a worker exits on its own, the
 launcher starts it again (its siblings keep running; a node of one worker keeps running
-too); a worker that keeps dying, or refuses the catalog, stops the node, which exits
-non-zero for a supervisor to see.
+too); a worker that keeps dying, or refuses to start because ``fragjobs doctor`` found
+something it needs broken, stops the node, which exits non-zero for a supervisor to see.
 """
 
 from __future__ import annotations
@@ -142,9 +142,10 @@ def project_root() -> Path | None:
     return root if (root / "celeryconfig.py").is_file() else None
 
 
-EXIT_CATALOG_UNUSABLE = 3
-"""A worker's exit status when it refuses the catalog (unreachable, schema out of date):
-starting it again cannot help, so the node stops with this status."""
+EXIT_WORKER_REFUSED = 3
+"""A worker's exit status when it refuses to start: ``fragjobs doctor`` found something the
+farm needs broken (catalog unreachable or out of date, store, broker, device, ...). Starting
+it again cannot help, so the node stops with this status."""
 RESTART_LIMIT = 5
 """Restarts of one worker within :data:`RESTART_WINDOW_S` before the node gives up."""
 RESTART_WINDOW_S = 300.0
@@ -158,8 +159,8 @@ def run_workers(specs: Sequence[WorkerSpec], loglevel: str = "info") -> int:
     hostname and queues, without touching its siblings, also when it was the node's only
     worker; one that needs more than :data:`RESTART_LIMIT` restarts within
     :data:`RESTART_WINDOW_S` seconds is left down and the node stops (a supervisor should
-    look), as it does at once when a worker refuses the catalog
-    (:data:`EXIT_CATALOG_UNUSABLE`). The status is 0 after a requested shutdown in
+    look), as it does at once when a worker refuses to start
+    (:data:`EXIT_WORKER_REFUSED`). The status is 0 after a requested shutdown in
     which every worker exited cleanly, else the first non-zero worker status (128 + signal
     number for a worker killed by a signal).
     """
@@ -186,10 +187,10 @@ def run_workers(specs: Sequence[WorkerSpec], loglevel: str = "info") -> int:
             for i, (spec, process) in enumerate(zip(specs, processes, strict=True)):
                 if stopping or process.poll() is None:
                     continue
-                if process.returncode == EXIT_CATALOG_UNUSABLE:
+                if process.returncode == EXIT_WORKER_REFUSED:
                     print(
-                        f"worker {spec.hostname} refused the catalog (its log says why): "
-                        "stopping the node",
+                        f"worker {spec.hostname} refused to start (fragjobs doctor: its log "
+                        "says why): stopping the node",
                         file=sys.stderr,
                     )
                     stop_all()

@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from fragjobs.farm.launcher import EXIT_CATALOG_UNUSABLE
+from fragjobs.farm.launcher import EXIT_WORKER_REFUSED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,9 +85,9 @@ def test_the_only_worker_of_a_node_is_restarted_too(tmp_path):
     assert b"exited with status 137: starting it again" in node.stderr.read()
 
 
-def test_a_worker_refusing_the_catalog_stops_the_node_at_once(tmp_path):
-    node = _node(tmp_path, workers=1, exit_status=EXIT_CATALOG_UNUSABLE)
+def test_a_worker_refusing_to_start_stops_the_node_at_once(tmp_path):
+    node = _node(tmp_path, workers=1, exit_status=EXIT_WORKER_REFUSED)
     code = node.wait(timeout=60)
-    assert code == EXIT_CATALOG_UNUSABLE
+    assert code == EXIT_WORKER_REFUSED
     assert len(_pids(tmp_path)) == 1  # not started again: it would refuse again
-    assert b"refused the catalog" in node.stderr.read()
+    assert b"refused to start (fragjobs doctor" in node.stderr.read()

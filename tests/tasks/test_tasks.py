@@ -24,7 +24,6 @@ from fragjobs.chain import delivery
 from fragjobs.errors import (
     CatalogError,
     InvalidInputError,
-    SchemaOutOfDateError,
     UnknownModelError,
 )
 from fragjobs.keys import generation_object, make_fragment_key, sha256_hex
@@ -225,24 +224,13 @@ def test_malformed_upstream_is_a_clear_error(tasks):
 # -- worker start-up -------------------------------------------------------------------------
 
 
-def test_worker_refuses_an_out_of_date_catalog(monkeypatch, caplog):
-    from fragjobs.catalog import Catalog
+def test_worker_starts_on_a_healthy_embedded_setup(settings, redis_db, monkeypatch):
+    """The start check migrates the SQLite file and lets the worker start; its refusals
+    (real workers, real services) are in tests/doctor/test_worker_start.py."""
     from tasks import worker
 
-    def out_of_date(*args, **kwargs):
-        raise SchemaOutOfDateError("catalog is at revision None: run `fragjobs db upgrade`")
-
-    monkeypatch.setattr(Catalog, "open_embedded", out_of_date)
-    with pytest.raises(SystemExit) as exited, caplog.at_level("CRITICAL"):
-        worker.refuse_unusable_catalog(sender=None)
-    assert exited.value.code == worker.EXIT_CATALOG_UNUSABLE != 0
-    assert "fragjobs db upgrade" in caplog.text
-
-
-def test_worker_starts_on_the_embedded_catalog(settings):
-    from tasks import worker
-
-    worker.refuse_unusable_catalog(sender=None)  # migrates the SQLite file, does not exit
+    monkeypatch.setenv("FRAGJOBS_BROKER_URL", redis_db.url)
+    worker.refuse_to_start_unhealthy(sender=None)  # does not exit
     assert (settings.data_dir / "catalog.db").is_file()
 
 
