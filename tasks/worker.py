@@ -65,16 +65,13 @@ def refuse_to_start_unhealthy(**_: Any) -> None:
     with contextlib.suppress(CatalogError):  # the doctor's database check says why
         Catalog.open_embedded().dispose()
     checks = doctor.run_in_subprocess(farm=True)
-    for check in checks:
-        log.log(logging.INFO if check.status == doctor.OK else logging.WARNING, check.line())
-    broken = [check for check in checks if check.broken]
-    if broken:
-        log.critical(
-            "fragjobs worker refuses to start: %s",
-            "; ".join(check.line() for check in broken),
-        )
-        # A signal receiver's exceptions are logged and swallowed by Celery; SystemExit is not.
-        sys.exit(EXIT_WORKER_REFUSED)
+    report = "\n".join(check.line() for check in checks)
+    if not any(check.broken for check in checks):
+        log.info("fragjobs doctor --farm:\n%s", report)
+        return
+    log.critical("fragjobs worker refuses to start (fragjobs doctor --farm):\n%s", report)
+    # A signal receiver's exceptions are logged and swallowed by Celery; SystemExit is not.
+    sys.exit(EXIT_WORKER_REFUSED)
 
 
 @worker_init.connect

@@ -257,3 +257,66 @@ def test_a_check_that_hangs_fails_at_its_limit():
     check = checks._timed("slow", 0.5, True, lambda: time.sleep(5) or checks.Check("x", OK, ""))
     assert check.status == FAIL and "no answer within" in check.detail
     assert time.monotonic() - started < 2
+
+
+# -- the farm's workers ----------------------------------------------------------------------
+
+
+def _node_refuses_to_start(tmp_path, redis_db, **env: str) -> str:
+    """Queue a task, start a real node (``fragjobs farm start``, one CPU worker) with ``env``;
+    check that it stops with EXIT_WORKER_REFUSED and the task is still queued; its log."""
+    import os
+    import subprocess
+    import sys
+
+    from celery import Celery
+
+    from fragjobs.farm.launcher import EXIT_WORKER_REFUSED
+    from fragjobs.farm.settings import SHARED_QUEUE
+
+    client = Celery(broker=redis_db.url)
+    client.send_task("fragjobs.generate", args=[{"job_id": "never-run"}], queue=SHARED_QUEUE)
+    assert redis_db.client.llen(SHARED_QUEUE) == 1
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FRAGJOBS_", "AWS_"))}
+    base.update(
+        FRAGJOBS_BROKER_URL=redis_db.url,
+        FRAGJOBS_DATA_DIR=str(tmp_path / "data"),
+        FRAGJOBS_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+        **env,
+    )
+    log = tmp_path / "node.log"
+    with log.open("wb") as out:
+        node = subprocess.run(
+            [sys.executable, "-m", "fragjobs.cli", "farm", "start", "--cpu-workers", "1"]
+            + ["--node", "doctortest"],
+            env=base,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
+    text = log.read_text()
+    assert node.returncode == EXIT_WORKER_REFUSED, text
+    assert "refused to start (fragjobs doctor" in text
+    assert redis_db.client.llen(SHARED_QUEUE) == 1, "the worker took the queued task"
+    return text
+
+
+def test_a_worker_refuses_an_out_of_date_postgres_catalog(tmp_path, redis_db, postgres_url):
+    text = _node_refuses_to_start(tmp_path, redis_db, FRAGJOBS_DATABASE_URL=postgres_url)
+    assert "fragjobs worker refuses to start (fragjobs doctor --farm)" in text
+    [database] = [line for line in text.splitlines() if line.startswith("FAIL database")]
+    assert database.endswith("fix: run: fragjobs db upgrade")
+
+
+def test_a_worker_refuses_a_store_it_cannot_write(tmp_path, redis_db):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    text = _node_refuses_to_start(
+        tmp_path, redis_db, FRAGJOBS_STORAGE_URL=(blocker / "store").as_uri()
+    )
+    assert "fragjobs worker refuses to start (fragjobs doctor --farm)" in text
+    assert "\nFAIL store " in text
+    assert "\nOK   database " in text  # the embedded catalog was migrated, then checked
+    assert "\nOK   broker " in text
