@@ -195,7 +195,7 @@ def check_capacity(settings: Settings) -> Check:
     batches = {f.name: f.largest_batch(budget) for f in footprints}
     fitting = [f for f in footprints if batches[f.name] > 0]
     each = ", ".join(f"{f.name} ≤ {batches[f.name]}" for f in reversed(footprints))
-    head = f"{label} budget {_gib(budget)} ({source})"
+    head = f"{label}: budget {_gib(budget)} ({source})"
     if fitting:
         largest = fitting[-1]
         detail = (
@@ -253,7 +253,7 @@ def check_database(settings: Settings) -> Check:
     """
     from fragjobs.catalog import UPGRADE_COMMAND, current_revision, head_revision, mask_url
 
-    url = settings.resolved_database_url
+    url = probe = settings.resolved_database_url
     try:
         shown, head = mask_url(url), head_revision()
         sqlite = _sqlite_file(url)
@@ -264,12 +264,13 @@ def check_database(settings: Settings) -> Check:
                 f"{shown} not created yet: the embedded catalog is made at schema {head} on "
                 "first use",
             )
-        current = current_revision(_with_connect_timeout(url))
+        probe = _with_connect_timeout(url)
+        current = current_revision(probe)
     except FragjobsError as exc:
         return Check(
             "database",
             FAIL,
-            _one_line(exc),
+            _one_line(exc).replace(mask_url(probe), shown) if probe != url else _one_line(exc),
             "start the database server or correct FRAGJOBS_DATABASE_URL",
         )
     if current == head:
