@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.engine import make_url
 
 from fragjobs.catalog import Catalog, upgrade_database
@@ -206,17 +206,17 @@ def fill(catalog: Catalog, count: int, seed: int) -> dict[str, Any]:
             insert(ProfileRow),
             [
                 {
-                    "profile_id": make_fragment_key(BASE_NAME, text, {"profile": {"seeds": 4}}),
+                    "profile_id": make_fragment_key(BASE_NAME, prompt, {"profile": {"seeds": 4}}),
                     "base_model_id": base.id,
-                    "prompt": text,
-                    "prompt_hash": prompt_hash(text),
+                    "prompt": prompt,
+                    "prompt_hash": prompt_hash(prompt),
                     "params": {"seeds": [0, 1, 2, 3]},
                     "stats_uri": f"file:///bench/profiles/{i}/stats.parquet",
                     "stats_sha256": sha256_hex(f"stats {i}"),
                     "importance_uri": f"file:///bench/profiles/{i}/importance.json",
                     "created_at": made[i],
                 }
-                for i, text in enumerate(texts)
+                for i, prompt in enumerate(texts)
             ],
         )
         profile_ids = dict(
@@ -226,11 +226,11 @@ def fill(catalog: Catalog, count: int, seed: int) -> dict[str, Any]:
             insert(FragmentRow),
             [
                 {
-                    "key": make_fragment_key(BASE_NAME, text, params),
-                    "profile_id": profile_ids[text],
+                    "key": make_fragment_key(BASE_NAME, prompt, params),
+                    "profile_id": profile_ids[prompt],
                     "base_model_id": base.id,
-                    "prompt": text,
-                    "prompt_hash": prompt_hash(text),
+                    "prompt": prompt,
+                    "prompt_hash": prompt_hash(prompt),
                     "prompt_embedding": vectors[i].astype("<f4").tobytes(),
                     "params": params,
                     "status": statuses[i],
@@ -242,9 +242,13 @@ def fill(catalog: Catalog, count: int, seed: int) -> dict[str, Any]:
                     "updated_at": made[i] + timedelta(seconds=30),
                     "hit_count": 0,
                 }
-                for i, text in enumerate(texts)
+                for i, prompt in enumerate(texts)
             ],
         )
+    with engine.connect() as connection:  # a live farm's database has its statistics
+        connection.execute(text("ANALYZE fragments"))
+        connection.execute(text("ANALYZE profiles"))
+        connection.commit()
     return {
         "base_model_id": base.id,
         "prompts": texts,
@@ -256,12 +260,13 @@ def fill(catalog: Catalog, count: int, seed: int) -> dict[str, Any]:
 
 
 def percentiles_ms(samples: list[float]) -> dict[str, float]:
-    """p50, p95 and max of ``samples`` (seconds), in milliseconds."""
+    """p50, p95, p99 and max of ``samples`` (seconds), in milliseconds."""
     values = np.asarray(samples) * 1000
     return {
         "n": len(samples),
         "p50_ms": round(float(np.percentile(values, 50)), 3),
         "p95_ms": round(float(np.percentile(values, 95)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
         "max_ms": round(float(values.max()), 3),
     }
 
@@ -283,9 +288,9 @@ def time_lookups(catalog: Catalog, data: dict[str, Any], lookups: int, seed: int
     for n in range(lookups):
         hit_wanted = n % 5 != 4  # 4 in 5 ask for a stored prompt
         i = rng.randrange(len(texts))
-        text = texts[i] if hit_wanted else f"an unseen prompt number {n} {rng.random()}"
+        asked = texts[i] if hit_wanted else f"an unseen prompt number {n} {rng.random()}"
         began = time.perf_counter()
-        row = lookup_prompt(catalog, base_id, text)
+        row = lookup_prompt(catalog, base_id, asked)
         exact.append(time.perf_counter() - began)
         exact_hits += row is not None
         wrong += (row is not None) != (hit_wanted and ready[i])
@@ -349,7 +354,8 @@ def report(figures: dict[str, Any]) -> str:
         f = figures[kind]
         lines.append(
             f"{kind:<8} n={f['n']} hits={f['hits']}  p50 {f['p50_ms']} ms  p95 {f['p95_ms']} ms"
-            f"  max {f['max_ms']} ms  {f['verdict']} (target p95 ≤ {figures['target_p95_ms']} ms)"
+            f"  p99 {f['p99_ms']} ms  max {f['max_ms']} ms  {f['verdict']}"
+            f" (target p95 ≤ {figures['target_p95_ms']} ms)"
         )
     lines.append(f"wrong answers: {figures['wrong_answers']}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 
 from fragjobs.catalog.core import CatalogCore
 from fragjobs.catalog.entities import FragmentEntity, _fragment
@@ -90,8 +90,8 @@ class LookupMixin(CatalogCore):
 
         ``vector=None`` records that the fragment has no embedding (it then never matches a
         similar prompt and is not backfilled again). ``updated_at`` is left alone: the
-        embedding of a fragment does not change what it is, and the similar-prompt index
-        reads new embeddings by the fragment's status changes and its id.
+        similar-prompt index finds a new embedding by the fragment's id or its next status
+        change (it is written before the fragment is validated, or by the index itself).
 
         Raises:
             InvalidInputError: the vector is empty or not finite, or the threshold is not a
@@ -115,19 +115,29 @@ class LookupMixin(CatalogCore):
                 values["params"] = {**row.params, REUSE_THRESHOLD_PARAM: float(threshold)}
             session.execute(update(FragmentRow).where(FragmentRow.id == row.id).values(values))
 
-    def ready_embeddings_since(
-        self, base_model_id: int, after_id: int = 0, updated_after: datetime | None = None
-    ) -> list[EmbeddingRow]:
-        """Fragments of this base the similar-prompt index must (re)consider, by id.
+    def ready_embeddings_since(self, base_model_id: int, after_id: int = 0) -> list[EmbeddingRow]:
+        """The ready fragments of this base with an id above ``after_id``, by id.
 
-        With no watermark: every ready fragment (the cold build). With one: the ready
-        fragments whose id is above ``after_id``, and every fragment (whatever its status)
-        updated after ``updated_after``, so that one that stopped being ready is seen too.
+        ``after_id=0`` gives every ready fragment (the similar-prompt index's cold build);
+        a range scan of the primary key otherwise.
         """
-        check_int(base_model_id, "base_model_id")
         check_int(after_id, "after_id")
-        new = (FragmentRow.id > after_id) & (FragmentRow.status == READY)
-        changed = new if updated_after is None else or_(new, FragmentRow.updated_at > updated_after)
+        return self._embedding_rows(
+            base_model_id, (FragmentRow.id > after_id) & (FragmentRow.status == READY)
+        )
+
+    def embeddings_changed_since(
+        self, base_model_id: int, updated_after: datetime
+    ) -> list[EmbeddingRow]:
+        """The fragments of this base updated after ``updated_after``, whatever their status.
+
+        What the similar-prompt index needs to see a fragment stop (or start again) being
+        ready: evicted, marked corrupt, rebuilt, validated.
+        """
+        return self._embedding_rows(base_model_id, FragmentRow.updated_at > updated_after)
+
+    def _embedding_rows(self, base_model_id: int, condition: Any) -> list[EmbeddingRow]:
+        check_int(base_model_id, "base_model_id")
         query = (
             select(
                 FragmentRow.id,
@@ -137,7 +147,7 @@ class LookupMixin(CatalogCore):
                 FragmentRow.params,
                 FragmentRow.updated_at,
             )
-            .where(FragmentRow.base_model_id == base_model_id, changed)
+            .where(FragmentRow.base_model_id == base_model_id, condition)
             .order_by(FragmentRow.id)
         )
         with self._transaction() as session:

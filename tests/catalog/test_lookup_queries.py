@@ -152,20 +152,26 @@ def test_embedding_and_threshold_are_kept_in_the_row(catalog: Catalog) -> None:
         catalog.set_fragment_embedding(key, [float("nan")] * DIM)
 
 
-def test_changes_since_a_watermark_include_status_changes(catalog: Catalog) -> None:
+def test_new_rows_by_id_and_changed_rows_by_time(catalog: Catalog) -> None:
     lib = Library(catalog)
     first = lib.add("a red circle", unit(1))
     [row] = catalog.ready_embeddings_since(lib.base.id)
+    assert catalog.ready_embeddings_since(lib.base.id, row.id) == []
     later = datetime.now(UTC) + timedelta(seconds=1)
-    assert catalog.ready_embeddings_since(lib.base.id, row.id, later) == []
+    assert catalog.embeddings_changed_since(lib.base.id, later) == []
 
     with catalog._transaction() as session:  # the changes below happen "later"
         session.execute(update(FragmentRow).values(updated_at=later - timedelta(days=1)))
     catalog.update_fragment(first, status="evicted")
     second = lib.add("a blue square", unit(0, 1))
-    lib.add("a green star", unit(0, 0, 1), status="building")
-    changed = catalog.ready_embeddings_since(lib.base.id, row.id, later - timedelta(hours=1))
-    assert {(r.key, r.status) for r in changed} >= {(first, "evicted"), (second, "ready")}
+    building = lib.add("a green star", unit(0, 0, 1), status="building")
+    assert [r.key for r in catalog.ready_embeddings_since(lib.base.id, row.id)] == [second]
+    changed = catalog.embeddings_changed_since(lib.base.id, later - timedelta(hours=1))
+    assert {(r.key, r.status) for r in changed} == {
+        (first, "evicted"),
+        (second, "ready"),
+        (building, "building"),
+    }
 
 
 # -- the similar-prompt index --------------------------------------------------------------
@@ -179,9 +185,7 @@ def test_similar_lookup_reads_no_manifest(catalog: Catalog) -> None:
 
     hit = lookup_similar(catalog, lib.base.id, np.asarray(unit(1, 0.15)) * 3)  # any norm
     assert hit is not None and hit.fragment.key == near and hit.match == "similar"
-    assert hit.similarity == pytest.approx(
-        float(np.dot(unit(1, 0.1), unit(1, 0.15))), abs=1e-5
-    )
+    assert hit.similarity == pytest.approx(float(np.dot(unit(1, 0.1), unit(1, 0.15))), abs=1e-5)
     assert lookup_similar(catalog, lib.base.id, unit(0, 0, 1)) is None  # below every threshold
     assert lookup_similar(catalog, lib.base.id, [1.0, 0.0]) is None  # another size
 
@@ -190,6 +194,7 @@ def test_refresh_picks_up_new_fragments_and_drops_unready_ones(catalog: Catalog)
     lib = Library(catalog)
     circle = lib.add("a red circle", unit(1))
     index = similarity_index(catalog)
+    index.refresh_every_s = 0  # refresh before every lookup
     assert lookup_similar(catalog, lib.base.id, unit(1)).fragment.key == circle
     assert index.size(lib.base.id) == 1
 
@@ -210,6 +215,24 @@ def test_refresh_picks_up_new_fragments_and_drops_unready_ones(catalog: Catalog)
     assert index.size(lib.base.id) == 0
 
 
+def test_a_stale_index_never_answers_with_an_unready_fragment(catalog: Catalog) -> None:
+    lib = Library(catalog)
+    circle = lib.add("a red circle", unit(1))
+    near = lib.add("a red disc", unit(1, 0.3))
+    index = similarity_index(catalog)
+    index.refresh_every_s = 3600  # no refresh after the cold build in this test
+    assert lookup_similar(catalog, lib.base.id, unit(1)).fragment.key == circle
+
+    catalog.set_fragment_status(circle, "corrupt")
+    hit = lookup_similar(catalog, lib.base.id, unit(1))  # confirmed with the catalog
+    assert hit is not None and hit.fragment.key == near
+    assert index.size(lib.base.id) == 1
+    catalog.set_fragment_status(circle, "ready")
+    assert lookup_similar(catalog, lib.base.id, unit(1)).fragment.key == near  # not yet seen
+    index.refresh_every_s = 0
+    assert lookup_similar(catalog, lib.base.id, unit(1)).fragment.key == circle
+
+
 def test_a_missing_embedding_is_backfilled_once(catalog: Catalog) -> None:
     lib = Library(catalog)
     key = lib.add("a red circle")  # a row from before the column: no embedding
@@ -219,7 +242,9 @@ def test_a_missing_embedding_is_backfilled_once(catalog: Catalog) -> None:
         reads.append(k)
         return unit(1), 0.8
 
-    index = SimilarityIndex(catalog)
+    index = SimilarityIndex(catalog, refresh_every_s=0)
+    index.refresh(lib.base.id)  # cannot read manifests: kept for later
+    assert index.size(lib.base.id) == 0 and reads == []
     index.refresh(lib.base.id, from_manifest)
     index.refresh(lib.base.id, from_manifest)
     assert reads == [key] and index.candidates(lib.base.id, np.asarray(unit(1)))[0][0] == key
