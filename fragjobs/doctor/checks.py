@@ -165,7 +165,11 @@ def check_device(settings: Settings) -> Check:
             "set FRAGJOBS_DEVICE=auto (or cpu), or install a torch build for this device",
         )
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    seen = f"{gpus} CUDA device(s) visible" if gpus else "no CUDA device"
+    if gpus > 1:
+        each = (torch.cuda.mem_get_info(i) for i in range(gpus))
+        seen = ", ".join(f"cuda:{i} {_gib(free)} free" for i, (free, _) in enumerate(each))
+    else:
+        seen = f"{gpus} CUDA device visible" if gpus else "no CUDA device"
     seen += f" (torch {torch.__version__})"
     return Check(
         "device",
