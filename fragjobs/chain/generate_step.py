@@ -10,10 +10,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 
-from fragjobs.base_models import prompt_embedding
+from fragjobs.base_models import LoadedBase, model_source, prompt_embedding
 from fragjobs.chain.bases import base
 from fragjobs.chain.fragments import warm_fragment_unet
 from fragjobs.chain.knobs import MAX_BATCH_SIZE, check_variants
@@ -21,7 +22,7 @@ from fragjobs.chain.stored import read_manifest
 from fragjobs.chain.validate_step import generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import FragmentError, GateFailedError, InvalidInputError, NotFoundError
-from fragjobs.generation import GenerationConfig, generate_images, with_unet
+from fragjobs.generation import BudgetedGeneration, GenerationConfig, check_budget_mb, with_unet
 from fragjobs.keys import (
     check_int,
     check_seeds,
@@ -47,6 +48,7 @@ class GenerationResult:
     fallback_reason: str | None
     images: torch.Tensor = field(repr=False)
     elapsed_s: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def generate(
@@ -71,7 +73,16 @@ def generate(
     full model and says why (log warning + ``used_fallback``/``fallback_reason`` in the
     catalog). Images go to ``generations/<job-id>/<seed>.png`` with ``meta.json``.
 
+    The batch size is chosen to fit the node's memory budget (``FRAGJOBS_MEMORY_BUDGET_MB``,
+    default 80 % of the device's free memory), ``batch_size`` being its ceiling; an
+    out-of-memory error steps down the ladder of
+    :class:`~fragjobs.generation.BudgetedGeneration` (halve the batch, attention slicing and
+    VAE tiling, model CPU offload, the full model on the CPU) without losing an image. What
+    it did is in the job's ``metrics`` (and ``GenerationResult.metrics``); images made by the
+    full model on the CPU set ``used_fallback`` with the reason.
+
     Raises:
+        ConfigError: ``FRAGJOBS_MEMORY_BUDGET_MB`` is not a positive number (nothing written).
         InvalidInputError: a bad prompt, seeds, steps or guidance, or ``job_id`` already
             used for another prompt or other seeds.
         NotFoundError: ``key`` was named and is not in the catalog.
@@ -98,6 +109,7 @@ def generate(
         )
     if key is not None and ws.catalog.find_fragment(key) is None:
         raise NotFoundError(f"no fragment {key!r} in the catalog (see `fragjobs fragments ls`)")
+    check_budget_mb(ws.settings.memory_budget_mb)
     job_id = validate_key(job_id) if job_id else uuid.uuid4().hex[:20]
     _check_job_spec(ws, job_id, prompt, seeds)
     loaded = base(model, ws.settings)
@@ -132,26 +144,33 @@ def generate(
     done = {img.seed: img for img in ws.catalog.list_images(job_id)}
     todo = [s for s in seeds if s not in done]
     uris = {s: img.uri for s, img in done.items()}
-    images = {}
+
+    def store(batch: list[int], out: torch.Tensor) -> None:
+        for seed, pil in zip(batch, tensor_to_pil(out), strict=True):
+            buffer = io.BytesIO()
+            pil.save(buffer, format="PNG")
+            stored = ws.store.put_bytes(generation_object(job_id, f"{seed}.png"), buffer.getvalue())
+            ws.catalog.add_image(job_id, seed, stored.uri, stored.sha256)
+            uris[seed] = stored.uri
+        if progress_callback is not None:
+            progress_callback(len(uris), len(seeds))
+
+    run = BudgetedGeneration(
+        pipe, gen, ws.settings.memory_budget_mb, cpu_fallback=lambda: _full_model_on_cpu(ws, loaded)
+    )
+    earlier = ws.catalog.get_job(job_id).metrics
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            out = generate_images(pipe, prompt, batch, gen, progress=False)
-            for seed, pil in zip(batch, tensor_to_pil(out), strict=True):
-                buffer = io.BytesIO()
-                pil.save(buffer, format="PNG")
-                stored = ws.store.put_bytes(
-                    generation_object(job_id, f"{seed}.png"), buffer.getvalue()
-                )
-                ws.catalog.add_image(job_id, seed, stored.uri, stored.sha256)
-                uris[seed] = stored.uri
-            for seed, image in zip(batch, out, strict=True):
-                images[seed] = image
-            if progress_callback is not None:
-                progress_callback(len(uris), len(seeds))
+        out = run.run(prompt, todo, on_batch=store) if todo else torch.empty(0)
     except BaseException:
-        ws.catalog.update_job(job_id, status="failed")
+        ws.catalog.update_job(job_id, status="failed", metrics=_job_metrics(run, earlier))
         raise
+    images = dict(zip(todo, out, strict=True))
+    from_seed = run.metrics.get("full_model_on_cpu_from_seed")
+    if from_seed is not None:
+        oom = f"out of memory: the full model on the CPU made the images from seed {from_seed} on"
+        log.warning("job %s: %s", job_id, oom)
+        reason = oom if reason is None else f"{reason}; {oom}"
+        ws.catalog.update_job(job_id, used_fallback=True, fallback_reason=reason)
     meta = {
         "job_id": job_id,
         "prompt": prompt.strip(),
@@ -166,7 +185,9 @@ def generate(
     ws.store.put_bytes(
         generation_object(job_id, "meta.json"), json.dumps(meta, indent=2, sort_keys=True).encode()
     )
-    ws.catalog.update_job(job_id, status="done", finished_at=datetime.now(UTC))
+    ws.catalog.update_job(
+        job_id, status="done", finished_at=datetime.now(UTC), metrics=_job_metrics(run, earlier)
+    )
     if used_key is not None:
         ws.catalog.mark_fragment_used(used_key)
     stacked = torch.stack([images[s] for s in seeds if s in images]) if images else torch.empty(0)
@@ -179,7 +200,27 @@ def generate(
         reason,
         stacked,
         elapsed_s=time.perf_counter() - started,
+        metrics=run.metrics,
     )
+
+
+def _full_model_on_cpu(ws: Workspace, loaded: LoadedBase) -> Any:
+    """The base pipeline on the CPU: the job's own when it is there already, else the same
+    base loaded (and kept warm) for the CPU; only called on the ladder's last rung."""
+    if torch.device(loaded.pipe.device).type == "cpu":
+        return loaded.pipe
+    log.warning("loading %s on the CPU for the rest of the job", loaded.info.name)
+    cpu_settings = ws.settings.model_copy(update={"device": "cpu"})
+    return base(model_source(loaded.info.source, loaded.info.name), cpu_settings).pipe
+
+
+def _job_metrics(run: BudgetedGeneration, earlier: dict[str, Any] | None) -> dict[str, Any] | None:
+    """This delivery's memory metrics; an earlier delivery's out-of-memory events are kept
+    (``earlier_oom_events``), so a retried job still shows every step it went through."""
+    if not run.metrics:
+        return earlier
+    kept = [*(earlier or {}).get("earlier_oom_events", []), *(earlier or {}).get("oom_events", [])]
+    return {**run.metrics, "earlier_oom_events": kept} if kept else run.metrics
 
 
 def _check_job_spec(ws: Workspace, job_id: str, prompt: str, seeds: list[int]) -> None:
