@@ -7,9 +7,10 @@ import time
 from dataclasses import dataclass
 
 from fragjobs.chain.bases import base, base_of
+from fragjobs.chain.library_cap import place_fragment
 from fragjobs.chain.locks import write_lock
 from fragjobs.chain.profile_step import profile_from_bytes
-from fragjobs.chain.stored import verified_objects
+from fragjobs.chain.stored import node_store, store_of, verified_objects
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import FragmentIntegrityError, InvalidInputError
 from fragjobs.extraction import ExtractionConfig, Fragment, extract_fragment, seal
@@ -104,11 +105,12 @@ def _store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, sta
     )
     try:
         manifest, data = seal(fragment)
-        stored_file = ws.store.put_bytes(
-            fragment_object(info.name, fragment.key, FRAGMENT_FILE), data
-        )
+        elapsed_s = time.perf_counter() - started
+        place_fragment(ws, fragment.key, prof_row.prompt, base_model_id, len(data), elapsed_s)
+        store = store_of(ws, ws.catalog.get_fragment(fragment.key))  # shared or node-local
+        stored_file = store.put_bytes(fragment_object(info.name, fragment.key, FRAGMENT_FILE), data)
         manifest_bytes = manifest.to_bytes()
-        ws.store.put_bytes(fragment_object(info.name, fragment.key, MANIFEST_FILE), manifest_bytes)
+        store.put_bytes(fragment_object(info.name, fragment.key, MANIFEST_FILE), manifest_bytes)
         ws.catalog.update_fragment(
             fragment.key,
             size_bytes=stored_file.size,
@@ -123,6 +125,7 @@ def _store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, sta
     except BaseException:
         if created:
             ws.store.delete_prefix(folder + "/")
+            node_store(ws).delete_prefix(folder + "/")
             ws.catalog.delete_fragment(fragment.key)
         raise
     return ExtractResult(

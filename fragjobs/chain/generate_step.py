@@ -18,6 +18,7 @@ from fragjobs.base_models import LoadedBase, model_source, prompt_embedding
 from fragjobs.chain.bases import base
 from fragjobs.chain.fragments import warm_fragment_unet
 from fragjobs.chain.knobs import MAX_BATCH_SIZE, check_variants
+from fragjobs.chain.rebuild import rebuilt_if_evicted
 from fragjobs.chain.stored import read_manifest
 from fragjobs.chain.validate_step import generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
@@ -252,6 +253,7 @@ def _fragment_pipe_or_fallback(ws, loaded, base_model_id, prompt, key):
             if hit is not None:
                 log.info("reusing fragment %s (cosine %.3f)", hit.fragment.key, hit.similarity)
                 row = hit.fragment
+    row = rebuilt_if_evicted(ws, row, base_model_id, prompt)  # evicted by the cap: rebuild
     if row is None:
         reason = f"no fragment {key}" if key else "no ready fragment for this or a similar prompt"
         log.warning("generating with the full model: %s", reason)

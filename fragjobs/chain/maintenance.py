@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from fragjobs.catalog import FragmentEntity
 from fragjobs.chain.locks import write_lock
 from fragjobs.chain.state import STATE
-from fragjobs.chain.stored import object_of
+from fragjobs.chain.stored import object_of, store_of
 from fragjobs.chain.workspaces import Workspace, warm_cache
 from fragjobs.errors import FragjobsError
 from fragjobs.keys import (
@@ -45,22 +47,46 @@ def remove_fragment(ws: Workspace, key: str) -> None:
     Raises:
         NotFoundError: no such fragment.
     """
+    evict_fragment(ws, key, "removed by fragjobs fragments rm")
+
+
+def evict_fragment(
+    ws: Workspace,
+    key: str,
+    reason: str,
+    *,
+    only_if: Callable[[FragmentEntity], bool] | None = None,
+) -> FragmentEntity | None:
+    """Delete fragment ``key``'s objects (shared store or node-local), its warm cache entries
+    and warm UNets; set status ``evicted`` with ``reason``. The row, its profile,
+    validations and jobs stay, so it can be rebuilt from its stored profile.
+
+    ``only_if`` is checked on the row read under the fragment's write lock (a fragment
+    pinned or rebuilt meanwhile is left alone). Returns the row as it was before, or None
+    when ``only_if`` said no.
+
+    Raises:
+        NotFoundError: no such fragment.
+    """
     validate_key(key)
     with write_lock(ws, f"fragment:{key}"):
         row = ws.catalog.get_fragment(key)
+        if only_if is not None and not only_if(row):
+            return None
         cache = warm_cache(ws)
-        if cache is not None:
+        if cache is not None and row.placement == "shared":
             for filename, sha in (
                 (FRAGMENT_FILE, row.file_sha256),
                 (MANIFEST_FILE, row.manifest_sha256),
             ):
                 if sha is not None:
                     cache.discard(ws.store, object_of(row, filename), sha)
-        ws.store.delete_prefix(object_of(row, "")[:-1] + "/")
+        store_of(ws, row).delete_prefix(object_of(row, "")[:-1] + "/")
         ws.catalog.update_fragment(key, size_bytes=None, file_sha256=None, manifest_sha256=None)
-        ws.catalog.set_fragment_status(key, "evicted", "removed by fragjobs fragments rm")
+        ws.catalog.set_fragment_status(key, "evicted", reason)
     for cached in [k for k in STATE.fragment_unets if k[0] == key]:
         del STATE.fragment_unets[cached]
+    return row
 
 
 @dataclass

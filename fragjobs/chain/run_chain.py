@@ -28,7 +28,7 @@ from fragjobs.chain.knobs import ChainKnobs
 from fragjobs.chain.ladder import extract_and_validate
 from fragjobs.chain.profile_step import profile
 from fragjobs.chain.reuse import measure_reuse
-from fragjobs.chain.stored import read_manifest
+from fragjobs.chain.stored import read_manifest, store_of
 from fragjobs.chain.validate_step import fragment_base, generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import FragjobsError
@@ -270,10 +270,11 @@ def _probe_peaks(
     try:
         full = probe_memory(source, **common)
         bar.update(1)
+        store = store_of(ws, ws.catalog.get_fragment(manifest.key))  # shared or node-local
         with tempfile.TemporaryDirectory(prefix="fragjobs-probe-") as folder:
             for filename in (FRAGMENT_FILE, MANIFEST_FILE):
                 name = fragment_object(manifest.base_model.name, manifest.key, filename)
-                (Path(folder) / filename).write_bytes(ws.store.get_bytes(name))
+                (Path(folder) / filename).write_bytes(store.get_bytes(name))
             frag = probe_memory(source, fragment_dir=Path(folder), **common)
         bar.update(1)
     except FragjobsError as exc:

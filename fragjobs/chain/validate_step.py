@@ -13,6 +13,7 @@ from fragjobs.base_models import LoadedBase
 from fragjobs.chain.bases import base_of
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS
+from fragjobs.chain.library_cap import enforce_library_cap
 from fragjobs.chain.stored import update_manifest
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import InvalidInputError
@@ -107,6 +108,8 @@ def validate(
         "ready" if gate.passed else "failed_gate",
         None if gate.passed else gate_reason(gate),
     )
+    if gate.passed:
+        enforce_library_cap(ws, keep=key)  # FRAGJOBS_LIBRARY_MAX_BYTES; unset: nothing to do
     return ValidationResult(
         key,
         gate.passed,

@@ -34,6 +34,7 @@ def fragments_ls(status):
     for row in rows:
         click.echo(
             f"{row.key}  {row.status:<11} {row.size_bytes or 0:>10} B  "
+            f"{row.placement:<6} {'pinned' if row.pinned else '':<6} "
             f"hits={row.hit_count}  {row.prompt!r}"
         )
     if not rows:
@@ -116,6 +117,7 @@ def _fragment_summary(row, manifest) -> list[str]:
         )
     lines.append(f"  verified   {manifest.verified};  used {row.hit_count} time(s)")
     lines.append(f"  stored at  {row.storage_uri}")
+    lines.append(f"  placement  {row.placement}" + (", pinned" if row.pinned else ""))
     return lines
 
 
@@ -130,19 +132,57 @@ def fragments_rm(key):
     click.echo(f"{key}: removed (status evicted; extract builds it again on demand)")
 
 
+@fragments.command("pin")
+@click.argument("key")
+@fail_cleanly
+def fragments_pin(key):
+    """Pin fragment KEY: the library's size cap never evicts it."""
+    from fragjobs.keys import validate_key
+
+    _workspace().catalog.set_pinned(validate_key(key), True)
+    click.echo(f"{key}: pinned (never evicted by the library cap)")
+
+
+@fragments.command("unpin")
+@click.argument("key")
+@fail_cleanly
+def fragments_unpin(key):
+    """Unpin fragment KEY: the library's size cap may evict it again."""
+    from fragjobs.keys import validate_key
+
+    _workspace().catalog.set_pinned(validate_key(key), False)
+    click.echo(f"{key}: unpinned")
+
+
 @fragments.command("gc")
 @click.option("--stale-after", default=3600.0, show_default=True, help="Seconds.")
+@click.option(
+    "--max-bytes",
+    type=int,
+    default=None,
+    help="Library size cap for this run [FRAGJOBS_LIBRARY_MAX_BYTES].",
+)
 @fail_cleanly
-def fragments_gc(stale_after):
-    """Remove fragments left building by a dead run, and store folders no row names."""
+def fragments_gc(stale_after, max_bytes):
+    """Evict least recently used fragments past the library's size cap (pinned ones stay),
+    then remove fragments left building by a dead run and store folders no row names."""
+    from fragjobs.chain.library_cap import enforce_library_cap
     from fragjobs.chain.maintenance import collect_garbage
 
-    report = collect_garbage(_workspace(), stale_s=stale_after)
+    ws = _workspace()
+    cap = enforce_library_cap(ws, max_bytes)
+    for key, size in cap.evicted.items():
+        click.echo(f"evicted {key} ({size} B, least recently used)")
+    limit = "no cap" if cap.max_bytes is None else f"cap {cap.max_bytes} B"
+    click.echo(f"library: {cap.before_bytes} B before, {cap.after_bytes} B after ({limit})")
+    if cap.over_cap:
+        click.echo("the library is still over its cap: what is left is pinned", err=True)
+    report = collect_garbage(ws, stale_s=stale_after)
     for key in report.stale_fragments:
         click.echo(f"removed abandoned fragment {key}")
     for folder in report.orphan_folders:
         click.echo(f"removed orphan objects {folder}/")
-    total = len(report.stale_fragments) + len(report.orphan_folders)
+    total = len(cap.evicted) + len(report.stale_fragments) + len(report.orphan_folders)
     click.echo(f"{total} item(s) removed", err=True)
 
 
