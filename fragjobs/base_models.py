@@ -15,13 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from fragjobs.builtin import BUILTINS
+from fragjobs.builtin.configs import verify_shipped_weights
+from fragjobs.builtin.streaming import Selection, build_keeping, unet_layout
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
 
@@ -62,14 +68,31 @@ def available_models(settings: Settings | None = None) -> list[str]:
     return names
 
 
+UnetReader = Callable[[Mapping[str, Selection]], dict[str, torch.Tensor]]
+"""Reads base UNet tensors: ``{state-dict name: selection}`` → ``{name: tensor}`` (names the
+base lacks are left out; a selection keeps only those rows/columns)."""
+
+UnetBuilder = Callable[[BaseModelInfo, Any, UnetReader], Any]
+"""Builds the UNet a pipeline gets instead of the base's: called with the base's identity, the
+base UNet on the meta device (config and structure, no weights) and a reader of its tensors."""
+
+
 def load_base(
     model: str,
     *,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
     settings: Settings | None = None,
+    unet: UnetBuilder | None = None,
 ) -> LoadedBase:
     """Load ``model`` (built-in name, local folder or hub id) and compute its identity.
+
+    Args:
+        unet: build the pipeline's UNet instead of loading the base's (see
+            :data:`UnetBuilder`): the base UNet's weights are then never all in memory, only
+            what the builder reads (a folder's from its safetensors files, a built-in's while
+            its seeded build runs, :mod:`fragjobs.builtin.streaming`). The other components
+            load as usual. ``fragjobs.extraction.load_fragment_pipeline`` uses it.
 
     Raises:
         InvalidInputError: ``model`` is not a non-empty string.
@@ -80,33 +103,28 @@ def load_base(
         raise InvalidInputError(f"model must be a non-empty string, got {model!r}")
     model = model.strip()
     _quiet_loading_bars()
-    if model in BUILTINS:
-        spec = BUILTINS[model]
-        pipe = spec.build()
-        if spec.folder is not None:
-            sha = _folder_info(spec.folder, settings, pipe, name=model).sha256
-        else:
-            sha = _cached_hash(
-                ("builtin", model, torch.__version__, _diffusers_version()),
-                settings,
-                lambda: _hash_state_dicts(pipe, model),
-            )
-        info = BaseModelInfo(
-            model,
-            sha,
-            f"builtin:{model}",
-            spec.height,
-            spec.width,
-            spec.default_steps,
-            spec.default_guidance,
-            str(spec.clip_folder) if spec.clip_folder else None,
+    if model in BUILTINS and BUILTINS[model].folder is None and unet is not None:
+        pipe, info = _build_builtin_with_unet(model, settings, unet)
+    elif model in BUILTINS and BUILTINS[model].folder is None:
+        pipe = BUILTINS[model].build()
+        sha = _cached_hash(
+            _builtin_hash_key(model), settings, lambda: _hash_state_dicts(pipe, model)
         )
+        info = _builtin_info(model, sha)
+    elif model in BUILTINS:
+        spec = BUILTINS[model]
+        if unet is None:
+            pipe = spec.build()
+        else:
+            verify_shipped_weights(spec.folder.parent)
+            pipe = _load_folder_with_unet(spec.folder, settings, unet, name=model)
+        info = _builtin_info(model, _folder_info(spec.folder, settings, pipe, name=model).sha256)
     elif Path(model).expanduser().is_dir():
-        pipe, info = _load_folder(Path(model).expanduser().resolve(), settings)
+        pipe, info = _load_folder(Path(model).expanduser().resolve(), settings, unet)
     elif Path(model).suffix or model.startswith((".", "/", "~")):
         raise UnknownModelError(_unknown_message(model, settings))
     else:
-        pipe, info = _load_hub(model, settings)
+        pipe, info = _load_hub(model, settings, unet)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(resolve_device(device or settings.device))
     if dtype != torch.float32:
@@ -272,7 +290,9 @@ def _folder_info(
     return BaseModelInfo(name, sha, f"folder:{folder}", size, size, 20)
 
 
-def _load_folder(folder: Path, settings: Settings) -> tuple[Any, BaseModelInfo]:
+def _load_folder(
+    folder: Path, settings: Settings, unet: UnetBuilder | None = None
+) -> tuple[Any, BaseModelInfo]:
     from diffusers import DiffusionPipeline
 
     if not (folder / "model_index.json").is_file():
@@ -281,15 +301,21 @@ def _load_folder(folder: Path, settings: Settings) -> tuple[Any, BaseModelInfo]:
             + _unknown_message(str(folder), settings)
         )
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        if unet is None:
+            pipe = DiffusionPipeline.from_pretrained(
+                folder, local_files_only=True, low_cpu_mem_usage=True
+            )
+        else:
+            pipe = _load_folder_with_unet(folder, settings, unet)
     except (OSError, ValueError) as exc:
         raise UnknownModelError(f"cannot load pipeline folder {folder}: {exc}") from exc
     _require_unet(pipe, str(folder))
     return pipe, _folder_info(folder, settings, pipe)
 
 
-def _load_hub(model_id: str, settings: Settings) -> tuple[Any, BaseModelInfo]:
-    from diffusers import DiffusionPipeline
+def _load_hub(
+    model_id: str, settings: Settings, unet: UnetBuilder | None = None
+) -> tuple[Any, BaseModelInfo]:
     from huggingface_hub import snapshot_download
 
     try:
@@ -302,11 +328,141 @@ def _load_hub(model_id: str, settings: Settings) -> tuple[Any, BaseModelInfo]:
         raise UnknownModelError(
             _unknown_message(model_id, settings) + f" (hub lookup failed: {type(exc).__name__})"
         ) from exc
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    _require_unet(pipe, model_id)
-    info = _folder_info(folder, settings, pipe)
+    pipe, info = _load_folder(folder, settings, unet)
     return pipe, BaseModelInfo(
         model_id, info.sha256, f"hub:{model_id}", info.height, info.width, info.default_steps
+    )
+
+
+def _load_folder_with_unet(
+    folder: Path, settings: Settings, build: UnetBuilder, name: str | None = None
+) -> Any:
+    """A pipeline folder's components, the UNet made by ``build`` from the folder's UNet
+    config and its safetensors files (read tensor by tensor, never all at once)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(folder / "unet")
+    with init_empty_weights():
+        skeleton = UNet2DConditionModel.from_config(config)
+    vae = AutoencoderKL.load_config(folder / "vae")
+    # _folder_info reads only the UNet's config and the VAE's scale factor
+    shape = SimpleNamespace(
+        unet=skeleton, vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1)
+    )
+    info = _folder_info(folder, settings, shape, name=name)
+    built = build(info, skeleton, _safetensors_reader(folder / "unet"))
+    return DiffusionPipeline.from_pretrained(
+        folder, unet=built, local_files_only=True, low_cpu_mem_usage=True
+    )
+
+
+def _safetensors_reader(folder: Path) -> UnetReader:
+    """Reads a model folder's tensors from its safetensors file(s); a selection reads only
+    the kept rows/columns' byte ranges."""
+    from safetensors import safe_open
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if weight_map is None and not single.is_file():
+        raise UnknownModelError(
+            f"{folder} has no safetensors weights; a fragment is built from safetensors only"
+        )
+
+    def read(wanted: Mapping[str, Selection]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in wanted:
+            path = single if weight_map is None else folder / weight_map.get(name, "")
+            if weight_map is None or name in weight_map:
+                by_file.setdefault(path, []).append(name)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt") as fh:
+                present = set(fh.keys())
+                for name in names:
+                    if name in present:
+                        out[name] = _read_selected(fh, name, wanted[name])
+        return out
+
+    return read
+
+
+def _read_selected(fh: Any, name: str, selection: Selection) -> torch.Tensor:
+    if selection is None:
+        return fh.get_tensor(name)
+    dim, index = selection
+    part = fh.get_slice(name)
+    runs, start = [], 0
+    values = index.tolist()
+    for i in range(1, len(values) + 1):  # contiguous runs: one read each
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            cut = [slice(None)] * len(part.get_shape())
+            cut[dim] = slice(values[start], values[i - 1] + 1)
+            runs.append(part[tuple(cut)])
+            start = i
+    return torch.cat(runs, dim=dim)
+
+
+def _build_builtin_with_unet(
+    model: str, settings: Settings, build: UnetBuilder
+) -> tuple[Any, BaseModelInfo]:
+    """A seeded built-in whose UNet is made by ``build``: the built-in runs once with empty
+    weights (the UNet's structure), then for real keeping only the UNet tensors read."""
+    spec = BUILTINS[model]
+    sha = _cached_hash(
+        _builtin_hash_key(model), settings, lambda: _hash_builtin_elsewhere(model, settings)
+    )
+    info = _builtin_info(model, sha)
+    layout = unet_layout(spec.build)
+    built: dict[str, Any] = {}
+
+    def read(wanted: Mapping[str, Selection]) -> dict[str, torch.Tensor]:
+        built["pipe"], tensors = build_keeping(spec.build, layout, wanted)
+        return tensors
+
+    unet = build(info, layout.skeleton, read)
+    pipe = built["pipe"] if "pipe" in built else build_keeping(spec.build, layout, {})[0]
+    pipe.unet = unet
+    return pipe, info
+
+
+def _hash_builtin_elsewhere(model: str, settings: Settings) -> str:
+    """A built-in's id computed by a child process (it builds the whole model; this one must
+    not), which leaves it in the hash cache of ``settings.data_dir``."""
+    code = (
+        "import sys; from pathlib import Path; from fragjobs.base_models import load_base; "
+        "from fragjobs.config import Settings; "
+        "print(load_base(sys.argv[1], device='cpu', "
+        "settings=Settings(data_dir=Path(sys.argv[2]))).info.sha256)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, model, str(settings.data_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(f"could not compute the id of built-in {model}: {tail[0]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def _builtin_hash_key(model: str) -> tuple:
+    return ("builtin", model, torch.__version__, _diffusers_version())
+
+
+def _builtin_info(model: str, sha: str) -> BaseModelInfo:
+    spec = BUILTINS[model]
+    return BaseModelInfo(
+        model,
+        sha,
+        f"builtin:{model}",
+        spec.height,
+        spec.width,
+        spec.default_steps,
+        spec.default_guidance,
+        str(spec.clip_folder) if spec.clip_folder else None,
     )
 
 

@@ -1,7 +1,7 @@
 """Memory one benchmark method holds, measured in a process of its own.
 
 ``python -m fragjobs.bench.memory --model M [--fragment DIR | --peer NAME]`` is the probe of
-:mod:`fragjobs.generation.memory_probe` (load, replay a fragment or switch a peer on, one
+:mod:`fragjobs.generation.memory_probe` (load the base, a fragment on it or a peer; one
 batch, print one JSON object: ``rss_held_bytes``, ``rss_peak_bytes``, ``unet_bytes``,
 ``cuda_max_allocated_bytes``, ``cuda_batch_max_allocated_bytes``) with the benchmark's peer
 methods (DeepCache, ToMe) added. :func:`measure` runs it in a subprocess, so that each
@@ -27,9 +27,13 @@ def measure(
     batch_size: int,
     fragment_dir: Path | None = None,
     peer: str | None = None,
+    data_dir: Path | None = None,
     timeout_s: float = PROBE_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Run the probe in a fresh Python process; its JSON result.
+
+    ``data_dir``: a data folder whose base-hash cache the probe uses (default: a throwaway
+    one, so a built-in's id is computed anew, by a process of its own for a fragment).
 
     Raises:
         FragjobsError: the probe failed (its stderr's last lines are in the message).
@@ -41,6 +45,7 @@ def measure(
         size=size,
         batch_size=batch_size,
         fragment_dir=fragment_dir,
+        data_dir=data_dir,
         module="fragjobs.bench.memory",
     )
     if peer is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ from fragjobs.extraction import (
     read_fragment,
     reset_block_caching,
 )
+from fragjobs.extraction.fragment import check_base
+from fragjobs.extraction.lean_load import build_fragment_unet, empty_unet_like, module_reader
 from fragjobs.keys import validate_key
 from fragjobs.manifest import FragmentManifest, PerformanceLayer
 
@@ -62,10 +63,20 @@ def record_performance(
 
 
 def fragment_unet(loaded: LoadedBase, fragment: Fragment) -> torch.nn.Module:
-    """A copy of the base UNet with the fragment's edits replayed."""
-    unet = copy.deepcopy(loaded.pipe.unet)
-    apply_fragment_to_unet_(unet, fragment, loaded.info)
-    return unet
+    """The fragment's UNet on the loaded base, without copying the base UNet.
+
+    Built from the base's config on the meta device (:mod:`fragjobs.extraction.lean_load`):
+    the tensors the fragment leaves unchanged are shared with ``loaded``'s UNet, the rest
+    come from the fragment (int8 stays int8), so it costs only the fragment's own tensors.
+    Its images are those of the edits replayed on a copy of the base.
+
+    Raises:
+        BaseModelMismatchError: ``loaded`` is not the fragment's base.
+    """
+    check_base(fragment, loaded.info)
+    return build_fragment_unet(
+        empty_unet_like(loaded.pipe.unet), fragment, module_reader(loaded.pipe.unet)
+    )
 
 
 def warm_fragment_unet(

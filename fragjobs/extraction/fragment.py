@@ -14,12 +14,14 @@ plans, applies, names and reads back its own tensors and manifest layer.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
@@ -269,28 +271,58 @@ def read_fragment(manifest_bytes: bytes, file_bytes: bytes) -> Fragment:
 
 
 def load_fragment_folder(folder: Path) -> Fragment:
-    """Read and verify a fragment from a folder holding its two files."""
-    try:
-        manifest_bytes = (folder / MANIFEST_FILE).read_bytes()
-        file_bytes = (folder / FRAGMENT_FILE).read_bytes()
-    except OSError as exc:
-        raise ManifestError(f"cannot read fragment folder {folder}: {exc}") from exc
-    return read_fragment(manifest_bytes, file_bytes)
+    """Read and verify a fragment from a folder holding its two files.
 
-
-@torch.no_grad()
-def apply_fragment_to_unet_(unet: nn.Module, fragment: Fragment, base: BaseModelInfo) -> None:
-    """Replay a fragment's edits on a base UNet, in place.
+    The file is hashed as a stream, then its tensors are read with ``safetensors.safe_open``
+    (memory-mapped), so the process never holds the file's bytes and a copy of its tensors
+    at once.
 
     Raises:
-        BaseModelMismatchError: ``base`` is not the fragment's base model.
+        ManifestError: a file is unreadable or the manifest is invalid.
+        FragmentIntegrityError: the file does not match the manifest or cannot be parsed.
     """
+    path = folder / FRAGMENT_FILE
+    try:
+        manifest = FragmentManifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
+        digest, size = hashlib.sha256(), 0
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise ManifestError(f"cannot read fragment folder {folder}: {exc}") from exc
+    entry = manifest.artifacts.files.get(FRAGMENT_FILE)
+    if entry is None or entry.sha256 != digest.hexdigest() or entry.size != size:
+        # the same check and message as for bytes held in memory
+        manifest.verify_artifact(FRAGMENT_FILE, path.read_bytes())
+    try:
+        tensors = load_safetensors_file(path)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise FragmentIntegrityError(f"{manifest.key}: unreadable fragment file: {exc}") from exc
+    return Fragment(manifest, tensors)
+
+
+def check_base(fragment: Fragment, base: BaseModelInfo) -> None:
+    """Raise BaseModelMismatchError unless ``base`` is the fragment's base model (sha256)."""
     expected = fragment.manifest.base_model
     if base.sha256 != expected.sha256:
         raise BaseModelMismatchError(
             f"fragment {fragment.key} was made from {expected.name} ({expected.sha256[:12]}…) "
             f"but the pipeline is {base.name} ({base.sha256[:12]}…)"
         )
+
+
+@torch.no_grad()
+def apply_fragment_to_unet_(unet: nn.Module, fragment: Fragment, base: BaseModelInfo) -> None:
+    """Replay a fragment's edits on a base UNet, in place.
+
+    ``fragjobs.extraction.lean_load.build_fragment_unet`` makes the same UNet without the
+    base's weights it replaces.
+
+    Raises:
+        BaseModelMismatchError: ``base`` is not the fragment's base model.
+    """
+    check_base(fragment, base)
     tensors, compression = fragment.tensors, fragment.manifest.compression
     apply_head_pruning_(unet, load_head_pruning(tensors))
     if compression.low_rank is not None and compression.low_rank.layers:

@@ -264,10 +264,38 @@ def pruning_layer(
     )
 
 
-def _prune_attention(attn: nn.Module, kept: list[int]) -> None:
+def head_pruning_selections(
+    unet: nn.Module, config: HeadPruningConfig
+) -> dict[str, tuple[int, torch.Tensor]]:
+    """What a pruned UNet keeps of the unpruned one's tensors, for building it without them.
+
+    Returns:
+        ``{state-dict name: (dim, index)}``: the kept rows of ``to_q``/``to_k``/``to_v``
+        (weights and biases) and the kept columns of ``to_out.0.weight``, per module that
+        loses heads. ``unet`` may be on the meta device (only its shapes are read).
+    """
+    modules = attention_modules(unet)
+    selections = {}
+    for name, kept in config.keep.items():
+        attn = modules.get(name)
+        if attn is None or len(kept) >= attn.heads:
+            continue  # apply_head_pruning_ reports unknown modules; nothing to cut here
+        index = _head_index(attn, list(kept))
+        for proj in ("to_q", "to_k", "to_v"):
+            selections[f"{name}.{proj}.weight"] = (0, index)
+            if getattr(attn, proj).bias is not None:
+                selections[f"{name}.{proj}.bias"] = (0, index)
+        selections[f"{name}.to_out.0.weight"] = (1, index)
+    return selections
+
+
+def _head_index(attn: nn.Module, kept: list[int]) -> torch.Tensor:
     head_dim = attn.to_q.out_features // attn.heads
-    index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
-    index = index.to(attn.to_q.weight.device)
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
+
+
+def _prune_attention(attn: nn.Module, kept: list[int]) -> None:
+    index = _head_index(attn, kept).to(attn.to_q.weight.device)
     for proj in ("to_q", "to_k", "to_v"):
         setattr(attn, proj, _slice_linear(getattr(attn, proj), rows=index))
     attn.to_out[0] = _slice_linear(attn.to_out[0], cols=index)

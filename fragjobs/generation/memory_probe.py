@@ -1,14 +1,15 @@
 """Memory a model holds while it makes one batch, measured in a process of its own.
 
 ``python -m fragjobs.generation.memory_probe --model M [--fragment DIR]`` loads the base
-pipeline, replays the fragment saved in ``DIR`` on its UNet in place, generates one batch and
-prints one JSON object:
+pipeline (with ``DIR``: the base's other components and the fragment's UNet, built without the
+base UNet's weights, :func:`fragjobs.extraction.lean_load.load_fragment_pipeline`), generates
+one batch and prints one JSON object:
 
 * ``rss_held_bytes``: resident set size after that batch minus the RSS before the model was
   loaded (Python, torch and diffusers already imported): what the pipeline holds — weights,
   the other components, allocator caches;
-* ``rss_peak_bytes``: the process's peak RSS (``VmHWM``) minus the same baseline. A fragment
-  is replayed on the base UNet, so this peak includes the base weights it starts from;
+* ``rss_peak_bytes``: the process's peak RSS (``VmHWM``) minus the same baseline: loading,
+  building the fragment's UNet and the batch;
 * ``unet_bytes``: parameter and buffer bytes of the UNet it generated with;
 * ``cuda_max_allocated_bytes``: on a GPU, CUDA max allocated over load and batch, else null;
 * ``cuda_batch_max_allocated_bytes``: on a GPU, CUDA max allocated during the batch alone
@@ -51,12 +52,14 @@ def load_for_probe(
     batch_size: int,
     data_dir: Path | None = None,
     device: str | None = None,
+    fragment_dir: Path | None = None,
 ) -> tuple[Any, Any]:
     """The model and the generation settings of a probe (and of the benchmarks).
 
     Square images of ``size`` (default: the model's own), ``steps`` (default: the model's),
     the model's guidance scale. ``data_dir``: the data folder whose base-hash cache is used
-    (default: a throwaway one).
+    (default: a throwaway one). ``fragment_dir``: a saved fragment, loaded on the base with
+    :func:`fragjobs.extraction.lean_load.load_fragment_pipeline` (hashes and base checked).
     """
     from fragjobs.base_models import load_base
     from fragjobs.generation.generate import GenerationConfig
@@ -64,7 +67,16 @@ def load_for_probe(
     with contextlib.ExitStack() as stack:
         if data_dir is None:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        loaded = load_base(model, device=device, settings=Settings(data_dir=data_dir))
+        settings = Settings(data_dir=data_dir)
+        if fragment_dir is None:
+            loaded = load_base(model, device=device, settings=settings)
+        else:
+            from fragjobs.extraction.fragment import load_fragment_folder
+            from fragjobs.extraction.lean_load import load_fragment_pipeline
+
+            fragment = load_fragment_folder(fragment_dir)
+            loaded = load_fragment_pipeline(model, fragment, device=device, settings=settings)
+            del fragment
     info = loaded.info
     side = size or info.height
     gen = GenerationConfig(
@@ -94,9 +106,8 @@ def probe(
     import torch
     import transformers
 
-    from fragjobs.extraction import apply_fragment_to_unet_, load_fragment_folder, weight_bytes
     from fragjobs.generation.generate import generate_images
-    from fragjobs.generation.memory import peak_rss_bytes, process_rss_bytes
+    from fragjobs.generation.memory import peak_rss_bytes, process_rss_bytes, weight_bytes
 
     # diffusers and transformers import lazily: load the classes a pipeline uses first, so that
     # the baseline holds the libraries' code and the figures only the model.
@@ -105,12 +116,16 @@ def probe(
     gc.collect()
     baseline = process_rss_bytes()
     loaded, gen = load_for_probe(
-        model, size=size, steps=steps, batch_size=batch_size, data_dir=data_dir, device=device
+        model,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        device=device,
+        fragment_dir=fragment_dir,
     )
     pipe = loaded.pipe
-    if fragment_dir is not None:
-        apply_fragment_to_unet_(pipe.unet, load_fragment_folder(fragment_dir), loaded.info)
-        gc.collect()
+    gc.collect()
     cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
     whole_process = torch.cuda.max_memory_allocated() if cuda else None
     if cuda:
@@ -207,9 +222,9 @@ def peak_figure(figures: dict[str, Any]) -> tuple[int, str]:
     """The probe's figure that H2 is decided on, and what it is.
 
     On a GPU: CUDA max allocated during the batch (the weights it holds plus what generating
-    allocates). On a CPU: the peak RSS of the whole probe process (load, replay of the
-    fragment on the base UNet, one batch) over its baseline: what a process that serves only
-    this model needs at most.
+    allocates). On a CPU: the peak RSS of the whole probe process (load, building the
+    fragment's UNet, one batch) over its baseline: what a process that serves only this model
+    needs at most.
     """
     if figures.get("cuda_batch_max_allocated_bytes") is not None:
         return int(figures["cuda_batch_max_allocated_bytes"]), "cuda_max_allocated_one_batch"

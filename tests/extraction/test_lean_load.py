@@ -1,0 +1,173 @@
+"""A fragment's UNet built without the base UNet's weights: same UNet, same images, same
+checks as the edits replayed on a copy of the base (fragjobs.extraction.lean_load)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fragjobs.base_models import load_base
+from fragjobs.config import Settings
+from fragjobs.errors import BaseModelMismatchError, FragmentIntegrityError
+from fragjobs.extraction import (
+    ExtractionConfig,
+    HeadSelectionConfig,
+    apply_fragment_to_unet_,
+    extract_fragment,
+    load_fragment_folder,
+    save_fragment,
+)
+from fragjobs.extraction.caching import BlockCachingConfig
+from fragjobs.extraction.lean_load import (
+    UnetPlacement,
+    build_fragment_unet,
+    empty_unet_like,
+    load_fragment_pipeline,
+    module_reader,
+)
+from fragjobs.extraction.lowrank import LowRankConfig
+from fragjobs.generation.generate import GenerationConfig, generate_images
+from fragjobs.profiling import ProfileConfig, profile_prompt
+
+PROMPT = "a red circle on the left"
+# every technique: pruned heads, low-rank factors, int8 layers, a caching schedule
+EVERYTHING = ExtractionConfig(
+    heads=HeadSelectionConfig(threshold=0.6),
+    low_rank=LowRankConfig(energy=0.5, max_cost=0.99, min_features=16),
+    caching=BlockCachingConfig(deltas=(0.25,), shallow_deltas=(None,), max_trials=1),
+)
+
+
+def _saved_fragment(model: str, data_dir: Path, folder: Path):
+    settings = Settings(data_dir=data_dir)
+    loaded = load_base(model, device="cpu", settings=settings)
+    prof = profile_prompt(loaded.pipe, PROMPT, ProfileConfig(seeds=(0,), steps=4), progress=False)
+    fragment, _ = extract_fragment(loaded.pipe, loaded.info, prof, EVERYTHING, profile_id="p")
+    save_fragment(fragment, folder)
+    return loaded, settings
+
+
+@pytest.fixture(scope="module", params=["tiny-sd", "shapes"])
+def base_and_fragment(request, tmp_path_factory):
+    """A base (loaded in full) and a saved fragment of it using every technique."""
+    root = tmp_path_factory.mktemp(request.param)
+    loaded, settings = _saved_fragment(request.param, root / "data", root / "fragment")
+    return request.param, loaded, settings, root / "fragment"
+
+
+def _images(pipe, unet, steps=4) -> torch.Tensor:
+    saved = pipe.unet
+    pipe.unet = unet
+    try:
+        side = 64
+        gen = GenerationConfig(steps=steps, guidance_scale=6.0, height=side, width=side)
+        return generate_images(pipe, PROMPT, [3, 4], gen)
+    finally:
+        pipe.unet = saved
+
+
+def _replayed(loaded, fragment):
+    unet = copy.deepcopy(loaded.pipe.unet)
+    apply_fragment_to_unet_(unet, fragment, loaded.info)
+    return unet
+
+
+def test_lean_pipeline_has_the_replayed_unet_and_images(base_and_fragment):
+    model, loaded, settings, folder = base_and_fragment
+    fragment = load_fragment_folder(folder)
+    assert fragment.manifest.compression.int8 and fragment.manifest.compression.low_rank.layers
+    assert fragment.manifest.pruning.heads_kept < fragment.manifest.pruning.heads_total
+    replayed = _replayed(loaded, fragment)
+    lean = load_fragment_pipeline(model, fragment, device="cpu", settings=settings)
+
+    expected, actual = replayed.state_dict(), lean.pipe.unet.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert all(not t.is_meta for t in actual.values())
+    int8 = [k for k in actual if k.endswith(".weight_int8")]
+    assert int8 and all(actual[k].dtype == torch.int8 for k in int8)
+    assert lean.info == loaded.info
+    for name in ("vae", "text_encoder"):  # the other components are the base's
+        base_sd = getattr(loaded.pipe, name).state_dict()
+        lean_sd = getattr(lean.pipe, name).state_dict()
+        assert all(torch.equal(base_sd[k], lean_sd[k]) for k in base_sd)
+    assert torch.equal(_images(loaded.pipe, replayed), _images(lean.pipe, lean.pipe.unet))
+
+
+def test_unet_built_on_a_loaded_base_shares_its_unchanged_tensors(base_and_fragment):
+    _, loaded, _, folder = base_and_fragment
+    fragment = load_fragment_folder(folder)
+    base = loaded.pipe.unet
+    unet = build_fragment_unet(empty_unet_like(base), fragment, module_reader(base))
+    assert unet.conv_in.weight.data_ptr() == base.conv_in.weight.data_ptr()  # not copied
+    assert unet.conv_in.weight is not base.conv_in.weight  # own Parameter objects
+    assert torch.equal(
+        _images(loaded.pipe, _replayed(loaded, fragment)), _images(loaded.pipe, unet)
+    )
+
+
+def test_wrong_base_and_corrupt_file_are_refused(base_and_fragment, tmp_path):
+    model, loaded, settings, folder = base_and_fragment
+    other = "shapes" if model == "tiny-sd" else "tiny-sd"
+    load_base(other, device="cpu", settings=settings)  # its id cached, as a worker's would be
+    fragment = load_fragment_folder(folder)
+    with pytest.raises(BaseModelMismatchError, match="was made from"):
+        load_fragment_pipeline(other, fragment, device="cpu", settings=settings)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in folder.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    data = bytearray((broken / "fragment.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (broken / "fragment.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FragmentIntegrityError, match="does not match its manifest"):
+        load_fragment_folder(broken)
+
+
+def test_group_offloading_from_diffusers_keeps_the_images(base_and_fragment):
+    model, loaded, settings, folder = base_and_fragment
+    if model != "tiny-sd":
+        pytest.skip("one model is enough for the placement hooks")
+    fragment = load_fragment_folder(folder)
+    offloaded = load_fragment_pipeline(
+        model,
+        fragment,
+        device="cpu",
+        settings=settings,
+        placement=UnetPlacement(group_offload="block_level"),
+    )
+    from diffusers.hooks import HookRegistry
+
+    assert HookRegistry.check_if_exists_or_initialize(offloaded.pipe.unet.down_blocks[0]).hooks
+    expected = _images(loaded.pipe, _replayed(loaded, fragment))
+    assert torch.equal(expected, _images(offloaded.pipe, offloaded.pipe.unet))
+
+
+def test_layerwise_casting_stores_float_weights_in_the_storage_dtype(base_and_fragment):
+    model, loaded, settings, folder = base_and_fragment
+    if model != "tiny-sd":
+        pytest.skip("one model is enough for the placement hooks")
+    fragment = load_fragment_folder(folder)
+    cast = load_fragment_pipeline(
+        model,
+        fragment,
+        device="cpu",
+        settings=settings,
+        placement=UnetPlacement(storage_dtype=torch.bfloat16),
+    )
+    assert cast.pipe.unet.conv_in.weight.dtype == torch.bfloat16
+    int8 = [t for k, t in cast.pipe.unet.state_dict().items() if k.endswith(".weight_int8")]
+    assert int8 and all(t.dtype == torch.int8 for t in int8)
+    images = _images(cast.pipe, cast.pipe.unet)
+    assert images.isfinite().all() and images.shape == (2, 3, 64, 64)
+
+
+def test_placement_rejects_unknown_offload_types():
+    from fragjobs.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="group_offload must be one of"):
+        UnetPlacement(group_offload="everything")
