@@ -145,6 +145,18 @@ class AddedBase:
     uploaded_bytes: int
 
 
+def open_settings_store(settings: Settings) -> ObjectStore:
+    """The store ``settings`` name (``FRAGJOBS_STORAGE_URL``), an S3 one with their endpoint,
+    region and credentials rather than the environment's."""
+    from urllib.parse import urlsplit
+
+    from fragjobs.storage import open_store
+
+    url = settings.resolved_storage_url
+    s3 = urlsplit(url).scheme.lower() == "s3"
+    return open_store(url, **({"settings": settings} if s3 else {}))
+
+
 def store_source(sha256: str) -> str:
     """``store:<sha256>``: the catalog source, and the model name, of a stored base."""
     return STORE_SOURCE_PREFIX + _check_sha256(sha256)
@@ -204,8 +216,8 @@ def check_pipeline_folder(path: str | Path, name: str | None = None) -> tuple[Pa
     pipeline = document.get("_class_name") if isinstance(document, dict) else None
     if not isinstance(pipeline, str) or "unet" not in document:
         raise UnknownModelError(
-            f"{folder} holds a {pipeline or 'unknown'} pipeline: fragjobs runs UNet "
-            "text-to-image pipelines (SD 1.x/2.x/XL)"
+            f"{folder} is not a UNet text-to-image pipeline ({pipeline or 'no _class_name'} "
+            "in model_index.json): fragjobs runs SD 1.x/2.x/XL pipelines"
         )
     return folder, name, pipeline
 

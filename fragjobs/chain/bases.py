@@ -9,12 +9,11 @@ of a catalog row (:func:`base_of`) checks the loaded sha256 against the row's.
 from __future__ import annotations
 
 from fragjobs.base_models import LoadedBase, load_base, model_source
-from fragjobs.base_store import BaseCache, stored_sha256
+from fragjobs.base_store import BaseCache, open_settings_store, stored_sha256
 from fragjobs.catalog import BaseModelEntity
 from fragjobs.chain.state import STATE, WARM_BASES
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import BaseModelMismatchError
-from fragjobs.storage import open_store
 
 
 def base(model: str | None, settings: Settings | None = None) -> LoadedBase:
@@ -72,9 +71,7 @@ def held_bases(settings: Settings | None = None) -> tuple[list[str], list[str]]:
 def _load(model: str, sha256: str | None, settings: Settings) -> LoadedBase:
     if sha256 is None:
         return load_base(model, settings=settings)
-    folder = BaseCache.from_settings(settings).fetch(
-        open_store(settings.resolved_storage_url), sha256
-    )
+    folder = BaseCache.from_settings(settings).fetch(open_settings_store(settings), sha256)
     loaded = load_base(str(folder), settings=settings)
     if loaded.info.sha256 != sha256:
         raise BaseModelMismatchError(

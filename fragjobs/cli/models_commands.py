@@ -55,9 +55,10 @@ def models_ls(as_json):
     """
     from fragjobs.base_store import describe_bases
     from fragjobs.chain.workspaces import workspace
+    from fragjobs.farm.registry import base_hostnames
 
     ws = workspace()
-    bases = describe_bases(ws.catalog, ws.store, _holders(ws.settings))
+    bases = describe_bases(ws.catalog, ws.store, base_hostnames(ws.settings.broker_url))
     if as_json:
         click.echo(json.dumps(bases, indent=2, sort_keys=True))
         return
@@ -70,30 +71,6 @@ def models_ls(as_json):
         )
     if not bases:
         click.echo("no base models", err=True)
-
-
-def _holders(settings) -> dict[str, list[str]] | None:
-    """sha256 → hostnames of the workers holding that base; None without a registry."""
-    from fragjobs.farm.registry import WarmRegistry
-
-    try:
-        registry = WarmRegistry.for_broker(settings.broker_url)
-    except ImportError:
-        return None
-    if registry is None:
-        return None
-    from redis.exceptions import RedisError
-
-    out: dict[str, list[str]] = {}
-    try:
-        for worker in registry.base_workers().values():
-            for sha256 in dict.fromkeys(worker.loaded + worker.cached):
-                out.setdefault(sha256, []).append(worker.hostname)
-    except (RedisError, OSError):
-        return None
-    finally:
-        registry.close()
-    return out
 
 
 COMMANDS = [models]

@@ -20,11 +20,20 @@ batches by their task ids, which are assigned here before anything is sent. When
 already has a ready fragment for the prompt on this model, only the group is sent.
 
 Routing: every task goes to the shared queue ``gpu`` unless ``queue=`` pins the whole job to
-one queue (``gpu.<node>.<i>``: one worker). When only the group is sent, fragment affinity
-applies (``affinity=True``): the workers that advertise the fragment warm
-(:class:`fragjobs.farm.registry.WarmRegistry`) and reply to ``inspect`` with no running task and an
-empty own queue each get one batch on their own queue (:func:`plan_batch_queues`); the other
-batches go to the shared queue, where any worker loads the fragment from the store. A batch
+one queue (``gpu.<node>.<i>``: one worker). With ``affinity=True`` (the default), the workers
+that advertise the fragment warm (:class:`fragjobs.farm.registry.WarmRegistry`), then those that
+hold the base model (loaded, or in their node's cache), and reply to ``inspect`` with no
+running task and an empty own queue each get one batch on their own queue
+(:func:`plan_batch_queues`); the other batches go to the shared queue, where any worker loads
+the fragment and the base from the store. The stages (profile, extract, validate) always go
+to the shared queue unless ``queue=`` pins them: a stage waiting on the own queue of a node
+that is gone would hold up the whole job.
+
+Base models: a built-in, or a base in the shared store — ``store:<sha256>``, the name it was
+added under, or the local folder it was added from (``fragjobs models add PATH``; the client
+finds it by the folder's sha256 and sends ``store:<sha256>``). A folder that was not added,
+or changed since, and a stored base with objects missing are refused before anything is
+queued. A batch
 sent to a worker's own queue waits for that worker: its pool replaces a killed process, but
 a node that is gone for good leaves it queued until it returns.
 
@@ -44,22 +53,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fragjobs.catalog import Catalog, FragmentEntity
+from fragjobs.base_store import (
+    check_pipeline_folder,
+    check_stored,
+    open_settings_store,
+    store_source,
+    stored_sha256,
+)
+from fragjobs.catalog import BaseModelEntity, Catalog, FragmentEntity
 from fragjobs.chain.knobs import ChainKnobs
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
 from fragjobs.farm.launcher import make_celeryconfig_importable
-from fragjobs.farm.registry import WarmRegistry, WarmWorker
+from fragjobs.farm.registry import BaseHolder, WarmRegistry, WarmWorker
 from fragjobs.keys import check_int, check_seeds, normalise_prompt
 from fragjobs.library import lookup_prompt
+from fragjobs.storage import ObjectStore
 
 log = logging.getLogger("fragjobs.client")
 
 AFFINITY_INSPECT_TIMEOUT_S = 1.0
 """How long routing waits for the warm workers' ``inspect`` replies."""
-
-PIPELINE_INDEX_FILE = "model_index.json"
-"""What makes a folder a diffusers pipeline (the workers refuse a folder without it)."""
 
 _POLL_S = 0.5
 _RUNNING_STATES = ("STARTED", "PROGRESS", "RETRY", "SUCCESS")
@@ -67,7 +81,7 @@ _QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 def plan_batch_queues(
-    count: int, holders: Sequence[WarmWorker], free: Collection[str]
+    count: int, holders: Sequence[WarmWorker | BaseHolder], free: Collection[str]
 ) -> list[str | None]:
     """The queue of each of ``count`` batches of one fragment.
 
@@ -271,6 +285,7 @@ class Farm:
         self.settings = settings or get_settings()
         self._app: Any = None
         self._catalog: Catalog | None = None
+        self._store: ObjectStore | None = None
         self._registry: list[WarmRegistry | None] = []
 
     def __enter__(self) -> Farm:
@@ -327,6 +342,13 @@ class Farm:
         return self._catalog
 
     @property
+    def store(self) -> ObjectStore:
+        """The shared object store (``FRAGJOBS_STORAGE_URL``)."""
+        if self._store is None:
+            self._store = open_settings_store(self.settings)
+        return self._store
+
+    @property
     def registry(self) -> WarmRegistry | None:
         """The warm-fragment registry in the broker; None when the broker is not Redis."""
         if not self._registry:
@@ -353,7 +375,8 @@ class Farm:
                 as keyword arguments (``model=``, ``variants=``, ``threshold=``,
                 ``fidelity=``, ``low_rank=``, ``int8=``, ``caching=``, ``paraphrases=``,
                 ...); whatever is not given comes from the settings, as for ``fragjobs run``.
-                ``model`` is a built-in name or a diffusers folder every worker can read.
+                ``model`` is a built-in name or a base added to the shared store
+                (``store:<sha256>``, its name, or the folder it was added from).
             seeds: explicit seeds (distinct, non-negative) instead of ``0 .. variants-1``.
             batch_size: seeds per generate task (one catalog job each).
             pipeline_batch_size: images per pipeline call inside a task (the knobs'
@@ -367,7 +390,9 @@ class Farm:
 
         Raises:
             InvalidInputError: a malformed argument; nothing was queued.
-            UnknownModelError: ``model`` is neither a built-in nor an existing folder.
+            UnknownModelError: ``model`` is neither a built-in nor a base in the store (a
+                local folder not added with ``fragjobs models add``); nothing was queued.
+            ObjectNotFoundError: the base's objects are missing from the store.
         """
         from celery import chain, group
 
@@ -398,8 +423,10 @@ class Farm:
         chunks = [tuple(seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
         if queue is not None:
             queues: list[str | None] = [queue] * len(chunks)
-        elif ready is not None and affinity:
-            queues = self._affinity_queues(ready.key, len(chunks))
+        elif affinity:
+            queues = self._affinity_queues(
+                ready.key if ready is not None else None, len(chunks), self._base_sha256(model)
+            )
         else:
             queues = [None] * len(chunks)
         batches = [
@@ -458,8 +485,11 @@ class Farm:
         chain(*stages, group(generates, app=app), app=app).apply_async()
         return FarmJob(self, stage_ids, batches, None)
 
-    def _affinity_queues(self, key: str, count: int) -> list[str | None]:
-        """Queues of ``count`` batches of fragment ``key``: see :func:`plan_batch_queues`.
+    def _affinity_queues(
+        self, key: str | None, count: int, base_sha256: str | None = None
+    ) -> list[str | None]:
+        """Queues of ``count`` batches: see :func:`plan_batch_queues`. The holders of
+        fragment ``key`` come first, then those of base ``base_sha256``.
 
         A worker counts as free when it replies to ``inspect`` (within
         :data:`AFFINITY_INSPECT_TIMEOUT_S`) with no running task and its own queue is empty.
@@ -467,16 +497,21 @@ class Farm:
         """
         shared: list[str | None] = [None] * count
         registry = self.registry
-        if registry is None:
+        if registry is None or (key is None and base_sha256 is None):
             return shared
         from kombu.exceptions import KombuError
         from redis.exceptions import RedisError
 
         try:
-            holders = [w for w in registry.holders(key) if w.queue]
+            found: list[WarmWorker | BaseHolder] = []
+            if key is not None:
+                found += registry.holders(key)
+            if base_sha256 is not None:
+                found += registry.base_holders(base_sha256)
+            holders = [w for w in found if w.queue]
             if not holders:
                 return shared
-            names = [w.hostname for w in holders]
+            names = list(dict.fromkeys(w.hostname for w in holders))
             inspect = self.app.control.inspect(
                 destination=names, timeout=AFFINITY_INSPECT_TIMEOUT_S, limit=len(names)
             )
@@ -494,6 +529,11 @@ class Farm:
         return plan_batch_queues(count, holders, free)
 
     def _check_model(self, model: Any) -> str:
+        """What the workers are sent for ``model``: a built-in's name or ``store:<sha256>``.
+
+        A folder is found by its sha256 (hashing it imports torch; the hash is cached per
+        file sizes and times), a stored base's objects must all be in the store.
+        """
         from fragjobs.builtin import BUILTINS
 
         if not isinstance(model, str) or not model.strip():
@@ -501,29 +541,64 @@ class Farm:
         model = model.strip()
         if model in BUILTINS:
             return model
-        folder = Path(model).expanduser()
-        if folder.is_dir():
-            if not (folder / PIPELINE_INDEX_FILE).is_file():
+        sha256 = stored_sha256(model)
+        if sha256 is None and Path(model).expanduser().is_dir():
+            sha256 = self._added_folder(Path(model))
+        elif sha256 is None:
+            named = [b for b in self._stored_bases() if b.name == model]
+            if len(named) != 1:
                 raise UnknownModelError(
-                    f"{folder} is not a diffusers pipeline folder (no {PIPELINE_INDEX_FILE}): "
-                    "give the folder that holds the pipeline's model_index.json"
+                    f"unknown model {model!r}: the farm runs a built-in "
+                    f"({', '.join(sorted(BUILTINS))}) or a base added to the shared store "
+                    f"(fragjobs models add PATH; fragjobs models ls lists them)"
+                    + (": several bases have that name, give store:<sha256>" if named else "")
                 )
-            # workers run in other folders, maybe on other machines: send an absolute path
-            return str(folder.resolve())
-        raise UnknownModelError(
-            f"unknown model {model!r}: the farm runs a built-in ({', '.join(sorted(BUILTINS))}) "
-            "or a diffusers folder that every worker can read (give its absolute path)"
-        )
+            sha256 = named[0].sha256
+        elif sha256 not in {b.sha256 for b in self._stored_bases()}:
+            raise UnknownModelError(
+                f"no base {sha256[:12]}… was added to the store in this catalog: run "
+                "fragjobs models add PATH with its folder"
+            )
+        check_stored(self.store, sha256)
+        return store_source(sha256)
+
+    def _added_folder(self, path: Path) -> str:
+        """The sha256 of the local folder ``path`` once it is known to be in the store."""
+        folder, name, _ = check_pipeline_folder(path)
+        from fragjobs.base_models import folder_sha256
+
+        sha256 = folder_sha256(folder, name, self.settings)
+        if sha256 not in {b.sha256 for b in self._stored_bases()}:
+            raise UnknownModelError(
+                f"{folder} is a folder on this machine, which the workers cannot read, and no "
+                f"base with its content is in the shared store: run fragjobs models add {folder}"
+            )
+        return sha256
+
+    def _stored_bases(self) -> list[BaseModelEntity]:
+        return [b for b in self.catalog.list_base_models() if stored_sha256(b.source)]
+
+    def _base_sha256(self, model: str) -> str | None:
+        """The sha256 of ``model`` (as :meth:`_check_model` returns it), when it is known."""
+        sha256 = stored_sha256(model)
+        if sha256 is not None:
+            return sha256
+        rows = [b for b in self.catalog.list_base_models() if b.source == f"builtin:{model}"]
+        return rows[0].sha256 if len(rows) == 1 else None
 
     def _ready_fragment(self, model: str, prompt: str) -> FragmentEntity | None:
         """The ready fragment made for ``prompt`` on ``model``, if the catalog has one.
 
-        The client does not load the model, so it matches the base model by name (a
-        built-in's name, a folder's name); when several bases share that name it does not
-        guess and the full chain runs (its steps reuse whatever is already stored). The
+        A stored base (``store:<sha256>``) is found by its sha256. A built-in is matched by
+        name, since the client does not load it; when several bases share that name it does
+        not guess and the full chain runs (its steps reuse whatever is already stored). The
         worker still checks the fragment's base sha256 and falls back if it differs.
         """
-        name = Path(model).name if Path(model).is_absolute() else model
+        sha256 = stored_sha256(model)
+        if sha256 is not None:
+            row = self.catalog.find_base_model(sha256)
+            return None if row is None else lookup_prompt(self.catalog, row.id, prompt)
+        name = model
         base_ids = {f.base_model_id for f in self.catalog.list_fragments(status="ready")}
         matching = [i for i in sorted(base_ids) if self.catalog.get_base_model(i).name == name]
         if len(matching) != 1:

@@ -9,6 +9,12 @@ deleted when a pool process starts (a new process holds nothing) and when the wo
 generate batch to the own queue of a holder that replies to ``inspect`` with no running task
 and an empty own queue, otherwise to the shared queue. With a broker other than Redis there
 is no registry and every batch goes to the shared queue. Redis is imported lazily.
+
+Base models the same way: ``fragjobs:bases:<hostname>`` → ``{"queue", "loaded", "cached",
+"updated_at"}``, the sha256s of the bases the worker's pool process holds loaded and of those
+its node holds in its base cache (:class:`fragjobs.base_store.BaseCache`), rewritten after
+every chain task and deleted with the fragment advertisement. Routing prefers their holders
+after the fragment's, and ``fragjobs models ls`` shows them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from fragjobs.errors import ConfigError
 
 WARM_KEY_PREFIX = "fragjobs:warm:"
 """Redis key prefix of the fragment-affinity advertisements (one key per worker hostname)."""
+BASES_KEY_PREFIX = "fragjobs:bases:"
+"""Redis key prefix of the base-model advertisements (one key per worker hostname)."""
 _SCRATCH_CLAIM_PREFIX = "fragjobs:scratch-db:"
 
 
@@ -35,6 +43,18 @@ class WarmWorker:
     hostname: str
     queue: str | None
     fragments: tuple[str, ...]
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class BaseHolder:
+    """One worker's base advertisement: its own queue, the sha256s of the bases its process
+    holds loaded (most recent first) and of those its node holds in its cache."""
+
+    hostname: str
+    queue: str | None
+    loaded: tuple[str, ...]
+    cached: tuple[str, ...]
     updated_at: float
 
 
@@ -70,24 +90,58 @@ class WarmRegistry:
         value = {"queue": queue, "fragments": list(fragments), "updated_at": time.time()}
         self._client.set(WARM_KEY_PREFIX + hostname, json.dumps(value), ex=self.ttl_s)
 
+    def advertise_bases(
+        self, hostname: str, queue: str | None, loaded: Sequence[str], cached: Sequence[str]
+    ) -> None:
+        """Record that ``hostname`` holds the bases ``loaded`` and its node ``cached``."""
+        value = {
+            "queue": queue,
+            "loaded": list(loaded),
+            "cached": list(cached),
+            "updated_at": time.time(),
+        }
+        self._client.set(BASES_KEY_PREFIX + hostname, json.dumps(value), ex=self.ttl_s)
+
     def forget(self, hostname: str) -> None:
-        """Remove ``hostname``'s advertisement (it holds nothing warm)."""
-        self._client.delete(WARM_KEY_PREFIX + hostname)
+        """Remove ``hostname``'s advertisements (it holds nothing warm)."""
+        self._client.delete(WARM_KEY_PREFIX + hostname, BASES_KEY_PREFIX + hostname)
 
     def workers(self) -> dict[str, WarmWorker]:
-        """Every live advertisement, by worker hostname."""
-        names = sorted(self._client.scan_iter(match=WARM_KEY_PREFIX + "*", count=500))
-        values = self._client.mget(names) if names else []
-        out = {}
-        for name, raw in zip(names, values, strict=True):
-            if raw is None:  # expired between SCAN and MGET
-                continue
-            hostname = name.decode()[len(WARM_KEY_PREFIX) :]
-            data = json.loads(raw)
-            out[hostname] = WarmWorker(
+        """Every live fragment advertisement, by worker hostname."""
+        return {
+            hostname: WarmWorker(
                 hostname, data.get("queue"), tuple(data["fragments"]), data["updated_at"]
             )
-        return out
+            for hostname, data in self._advertisements(WARM_KEY_PREFIX).items()
+        }
+
+    def base_workers(self) -> dict[str, BaseHolder]:
+        """Every live base advertisement, by worker hostname."""
+        return {
+            hostname: BaseHolder(
+                hostname,
+                data.get("queue"),
+                tuple(data["loaded"]),
+                tuple(data["cached"]),
+                data["updated_at"],
+            )
+            for hostname, data in self._advertisements(BASES_KEY_PREFIX).items()
+        }
+
+    def base_holders(self, sha256: str) -> list[BaseHolder]:
+        """The workers holding base ``sha256``: those with it loaded first, then those whose
+        node caches it."""
+        found = [w for w in self.base_workers().values() if sha256 in w.loaded + w.cached]
+        return sorted(found, key=lambda w: (sha256 not in w.loaded, w.hostname))
+
+    def _advertisements(self, prefix: str) -> dict[str, dict]:
+        names = sorted(self._client.scan_iter(match=prefix + "*", count=500))
+        values = self._client.mget(names) if names else []
+        return {
+            name.decode()[len(prefix) :]: json.loads(raw)
+            for name, raw in zip(names, values, strict=True)
+            if raw is not None  # expired between SCAN and MGET
+        }
 
     def holders(self, key: str) -> list[WarmWorker]:
         """The workers that hold fragment ``key`` warm, most recently used there first."""
@@ -101,6 +155,31 @@ class WarmRegistry:
     def close(self) -> None:
         """Close the Redis connections."""
         self._client.close()
+
+
+def base_hostnames(broker_url: str) -> dict[str, list[str]] | None:
+    """sha256 → hostnames of the workers holding that base (loaded or cached on their node).
+
+    None when the broker is not Redis, or cannot be reached: nobody could be asked.
+    """
+    try:
+        registry = WarmRegistry.for_broker(broker_url)
+    except ImportError:
+        return None
+    if registry is None:
+        return None
+    from redis.exceptions import RedisError
+
+    out: dict[str, list[str]] = {}
+    try:
+        for worker in registry.base_workers().values():
+            for sha256 in dict.fromkeys(worker.loaded + worker.cached):
+                out.setdefault(sha256, []).append(worker.hostname)
+    except (RedisError, OSError):
+        return None
+    finally:
+        registry.close()
+    return out
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def test_add_moves_a_registered_folder_to_the_store(model_folder, store, catalog
         (
             lambda tmp: _index(tmp, {"_class_name": "FluxPipeline", "transformer": ["x", "y"]}),
             UnknownModelError,
-            "FluxPipeline pipeline: fragjobs runs UNet",
+            "not a UNet text-to-image pipeline \\(FluxPipeline in model_index.json\\)",
         ),
         (
             lambda tmp: _index(tmp / "bad name", {"_class_name": "X", "unet": ["a", "b"]}),
