@@ -320,3 +320,11 @@ def test_a_worker_refuses_a_store_it_cannot_write(tmp_path, redis_db):
     assert "\nFAIL store " in text
     assert "\nOK   database " in text  # the embedded catalog was migrated, then checked
     assert "\nOK   broker " in text
+
+
+def test_an_unusable_setting_is_one_failed_check(settings, monkeypatch):
+    monkeypatch.setenv("FRAGJOBS_DEVICE", "gpu")
+    get_settings.cache_clear()
+    result = _doctor()
+    assert result.exit_code == 1
+    assert result.output.startswith("FAIL settings ") and "FRAGJOBS_DEVICE" in result.output
