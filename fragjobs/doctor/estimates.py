@@ -1,9 +1,9 @@
 """How much memory a built-in model needs: its weights, and an estimate per image.
 
 Nothing is loaded or run. A shipped model's weights are the size of its weight files; a
-seeded one is built with its parameters on the ``meta`` device (no memory, no random
-initialisation), which gives its parameter bytes and its configs in well under a second even
-for ``sd15-shape``.
+seeded one is built with its parameters on the ``meta`` device
+(``accelerate.init_empty_weights``: no memory, no random initialisation), which gives its
+parameter bytes and its configs in well under a second even for ``sd15-shape``.
 
 The per-image figure is an **estimate** from the UNet's and VAE's configs, in float32, with
 classifier-free guidance (two UNet rows per image) and PyTorch's scaled-dot-product attention
@@ -21,9 +21,8 @@ and kernels' workspaces.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,31 +78,6 @@ def per_image_bytes(
     return int(max(2 * unet_row, decoder) * FLOAT_BYTES * MARGIN)
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block is moved to the ``meta`` device.
-
-    Buffers stay real (they are small); the modules' own initialisation then runs on meta
-    tensors, which costs nothing.
-    """
-    import torch
-
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: Any) -> None:
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(
-                param.to("meta"), requires_grad=param.requires_grad
-            )
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
-
-
 def _folder_weights(folder: Path) -> int:
     return sum(
         p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
@@ -120,7 +94,9 @@ def footprint(name: str) -> ModelFootprint:
         vae = json.loads((spec.folder / "vae" / "config.json").read_text())
         weights = _folder_weights(spec.folder)
     else:
-        with _parameters_on_meta():
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
             pipe = spec.build()
         unet, vae = dict(pipe.unet.config), dict(pipe.vae.config)
         weights = sum(
