@@ -110,14 +110,20 @@ class Settings(BaseSettings):
     library_max_bytes: int | None = Field(
         default=None,
         gt=0,
-        description="Size cap of the shared fragment library; least recently used unpinned "
-        "fragments are evicted past it. Unset: no cap.",
+        description="Size cap of the shared fragment library, in bytes: when a fragment becomes "
+        "ready, least recently used unpinned ones are evicted past it (rebuilt from their "
+        "profile when asked for again); a fragment larger than the cap is refused. Unset: "
+        "no cap.",
     )
     cache_weight_extraction_cost: float = Field(
-        default=1.0, ge=0, description="should_cache_fragment: weight of the seconds saved."
+        default=1.0,
+        ge=0,
+        description="should_cache_fragment: weight of the extraction seconds saved.",
     )
     cache_weight_size: float = Field(
-        default=1.0, ge=0, description="should_cache_fragment: weight of the bytes it costs."
+        default=1.0,
+        ge=0,
+        description="should_cache_fragment: weight of its size relative to the cap.",
     )
     cache_weight_popularity: float = Field(
         default=1.0, ge=0, description="should_cache_fragment: weight of the prompt's jobs."
