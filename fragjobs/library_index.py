@@ -110,6 +110,30 @@ class _Block:
         self.thresholds[slot] = threshold
         self.keys[slot] = key
 
+    def put_many(
+        self, row_ids: list[int], keys: list[str], vectors: np.ndarray, thresholds: np.ndarray
+    ) -> None:
+        """Append rows the block does not hold yet, all at once (the cold build's path)."""
+        if self.dim is None:
+            self.dim = vectors.shape[1]
+            self.vectors = np.zeros((0, self.dim), np.float32)
+            self.thresholds = np.zeros(0, np.float32)
+        start, count = len(self.keys), len(row_ids)
+        capacity = self.vectors.shape[0]
+        if start + count > capacity:
+            grown = max(64, 1 << (start + count - 1).bit_length())
+            self.vectors = np.concatenate(
+                [self.vectors, np.zeros((grown - capacity, self.dim), np.float32)]
+            )
+            self.thresholds = np.concatenate(
+                [self.thresholds, np.full(grown - capacity, np.inf, np.float32)]
+            )
+        self.vectors[start : start + count] = vectors
+        self.thresholds[start : start + count] = thresholds
+        self.keys.extend(keys)
+        self.slot_of.update(zip(row_ids, range(start, start + count), strict=True))
+        self.id_of_key.update(zip(keys, row_ids, strict=True))
+
     def _append_slot(self) -> int:
         slot = len(self.keys)
         if slot == self.vectors.shape[0]:  # grow by doubling: amortised O(1) per fragment
@@ -184,7 +208,7 @@ class SimilarityIndex:
             new = self._source.ready_embeddings_since(base_model_id, block.after_id)
             waiting = list(block.to_backfill.values()) if backfill is not None else []
             latest = {row.id: row for row in waiting + changed + new}  # one read each
-            for row in latest.values():
+            for row in self._put_plain_rows(block, list(latest.values())):
                 self._apply(block, row, backfill)
             if new:  # only this scan is complete above the watermark
                 block.after_id = max(block.after_id, new[-1].id)
@@ -192,6 +216,37 @@ class SimilarityIndex:
             if cold:
                 self.cold_build_s[base_model_id] = time.perf_counter() - started
             return len(changed) + len(new)
+
+    def _put_plain_rows(self, block: _Block, rows: list[EmbeddingRow]) -> list[EmbeddingRow]:
+        """Add the new ready rows with a usable embedding in one go; return the others."""
+        dim = block.dim or next((len(r.embedding) // 4 for r in rows if r.embedding), None)
+        plain = [
+            r
+            for r in rows
+            if r.status == READY
+            and r.embedding
+            and len(r.embedding) == 4 * (dim or 0)
+            and r.id not in block.slot_of
+        ]
+        if len(plain) < 2:
+            return rows
+        vectors = np.frombuffer(b"".join(r.embedding for r in plain), "<f4").reshape(-1, dim)
+        norms = np.linalg.norm(vectors, axis=1)
+        usable = np.isfinite(norms) & (norms > 0)
+        kept = [r for r, ok in zip(plain, usable, strict=True) if ok]
+        block.put_many(
+            [r.id for r in kept],
+            [r.key for r in kept],
+            (vectors[usable] / norms[usable, None]).astype(np.float32),
+            np.asarray(
+                [DEFAULT_THRESHOLD if r.threshold is None else r.threshold for r in kept],
+                np.float32,
+            ),
+        )
+        for r in kept:
+            block.to_backfill.pop(r.id, None)
+        done = {r.id for r in kept}
+        return [r for r in rows if r.id not in done]
 
     def _apply(self, block: _Block, row: EmbeddingRow, backfill: Backfill | None) -> None:
         block.to_backfill.pop(row.id, None)

@@ -252,3 +252,14 @@ def test_a_missing_embedding_is_backfilled_once(catalog: Catalog) -> None:
     fresh = SimilarityIndex(catalog)  # another process: the catalog has it now
     fresh.refresh(lib.base.id, from_manifest)
     assert reads == [key] and fresh.size(lib.base.id) == 1
+
+
+def test_the_cold_build_keeps_only_usable_embeddings(catalog: Catalog) -> None:
+    lib = Library(catalog)
+    good = [lib.add(f"a shape number {i}", unit(1, i)) for i in range(3)]
+    lib.add("another size", [1.0, 0.0, 0.0, 0.0])
+    lib.add("all zeros", [0.0] * DIM)
+    index = SimilarityIndex(catalog)
+    assert index.refresh(lib.base.id) == 5 and index.size(lib.base.id) == 3
+    assert [k for k, _ in index.candidates(lib.base.id, np.asarray(unit(1, 2)))][0] == good[2]
+    assert index.cold_build_s[lib.base.id] > 0
