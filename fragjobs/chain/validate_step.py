@@ -94,7 +94,7 @@ def validate(
             f"reference images are {tuple(full.shape)}, the fragment's {tuple(frag.shape)}"
         )
     metrics = quality(ws, loaded, full, frag, manifest.profiling.prompt)
-    gate = evaluate_gate(metrics, thresholds)
+    gate = evaluate_gate(metrics, thresholds, seeds)
     layer = QualityLayer(
         seeds=seeds,
         metrics=metrics.model_dump(mode="json"),
@@ -142,11 +142,9 @@ def quality(ws: Workspace, loaded: LoadedBase, full, fragment, prompt: str):
 
 
 def gate_reason(gate) -> str:
-    """One line naming the gate's failed checks."""
+    """One line naming the gate's failed checks, each with its worst seed."""
     failed = [c for c in gate.checks if c.status == "FAIL"]
-    return "; ".join(f"{c.name}={c.value} (limit {c.op} {c.limit})" for c in failed)[:500] or (
-        "no quality check could be computed"
-    )
+    return "; ".join(c.reason for c in failed)[:500] or "no quality check could be computed"
 
 
 def generation_config(manifest: FragmentManifest, batch_size: int) -> GenerationConfig:

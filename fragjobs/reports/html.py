@@ -168,6 +168,8 @@ def write_index_page(
                 "prompt": r.prompt,
                 "gate": {True: "passed", False: "failed", None: "—"}[r.gate_passed],
                 "ssim": (r.summary.get("quality") or {}).get("ssim"),
+                "ssim_worst": r.hypothesis("H1").get("values", {}).get("ssim_worst"),
+                "colour_worst": r.hypothesis("H1").get("values", {}).get("colour_delta_e_worst"),
                 "speedup": r.hypothesis("H4").get("values", {}).get("speedup"),
                 "break_even": r.hypothesis("H5").get("values", {}).get("break_even_variants"),
                 "statuses": [

@@ -64,9 +64,16 @@ def metric_values(summary: dict[str, Any]) -> dict[str, tuple[float | None, str 
 
     per_image = quality.get("ssim_per_image") or []
     worst = min(per_image) if per_image else None
+    colour = quality.get("colour_delta_e_per_image") or []
+    colour_worst = max(colour) if colour else None
+    colour_reason = "colour ΔE was not measured (a run from before fragjobs measured it)"
     return {
         "ssim": value(quality, "ssim", None),
         "ssim_worst": value({"ssim_worst": worst}, "ssim_worst", None),
+        "colour_delta_e": value(quality, "colour_delta_e", colour_reason),
+        "colour_delta_e_worst": value(
+            {"colour_delta_e_worst": colour_worst}, "colour_delta_e_worst", colour_reason
+        ),
         "psnr_db": value(quality, "psnr_db", None),
         "lpips": value(quality, "lpips", quality.get("lpips_reason")),
         "clip_delta": value(quality, "clip_delta", quality.get("clip_reason")),

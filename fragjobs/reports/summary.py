@@ -114,24 +114,36 @@ def build_metrics_summary(
 def _h1_quality(quality: QualityMetrics, thresholds: Thresholds) -> Hypothesis:
     limits = {
         "ssim_min": thresholds.ssim_min,
+        "colour_delta_e_max": thresholds.colour_delta_e_max,
         "lpips_max": thresholds.lpips_max,
         "clip_delta_max": thresholds.clip_delta_max,
     }
+    ssim_worst = min(quality.ssim_per_image)
+    colour_worst = _worst(quality.colour_delta_e_per_image, quality.colour_delta_e)
+    lpips_worst = _worst(quality.lpips_per_image, quality.lpips)
+    clip_worst = _worst(quality.clip_delta_per_image, quality.clip_delta)
     hypothesis = {
         "name": "quality preserved",
-        "claim": "On the same seeds the fragment's images match the full model's: "
-        "SSIM >= ssim_min, LPIPS <= lpips_max, CLIP-score drop <= clip_delta_max.",
+        "claim": "On every validation seed the fragment's images match the full model's "
+        "(the worst seed decides): SSIM >= ssim_min, colour ΔE00 <= colour_delta_e_max, "
+        "LPIPS <= lpips_max, CLIP-score drop <= clip_delta_max.",
         "values": {
             "ssim": quality.ssim,
+            "ssim_worst": ssim_worst,
+            "colour_delta_e": quality.colour_delta_e,
+            "colour_delta_e_worst": colour_worst,
             "psnr_db": quality.psnr_db,
             "lpips": quality.lpips,
+            "lpips_worst": lpips_worst,
             "clip_delta": quality.clip_delta,
+            "clip_delta_worst": clip_worst,
         },
         "thresholds": limits,
     }
     missing = [
         f"{name} is null ({reason})"
         for name, value, reason in (
+            ("colour_delta_e", colour_worst, "not measured in this run"),
             ("lpips", quality.lpips, quality.lpips_reason),
             ("clip_delta", quality.clip_delta, quality.clip_reason),
         )
@@ -139,24 +151,37 @@ def _h1_quality(quality: QualityMetrics, thresholds: Thresholds) -> Hypothesis:
     ]
     if missing:
         return Hypothesis(**hypothesis, status="UNAVAILABLE", reason="; ".join(missing))
-    if quality.ssim < thresholds.ssim_min:
-        reason = f"ssim {quality.ssim:.4g} < ssim_min {thresholds.ssim_min:g}"
-        return Hypothesis(**hypothesis, status="FAIL", reason=reason)
+    failures = []
+    if ssim_worst < thresholds.ssim_min:
+        failures.append(f"worst seed's ssim {ssim_worst:.4g} < ssim_min {thresholds.ssim_min:g}")
+    if colour_worst > thresholds.colour_delta_e_max:
+        failures.append(
+            f"worst seed's colour ΔE00 {colour_worst:.4g} > colour_delta_e_max "
+            f"{thresholds.colour_delta_e_max:g}"
+        )
+    if failures:
+        return Hypothesis(**hypothesis, status="FAIL", reason="; ".join(failures))
     misses = [
         (name, value - limit, limit)
         for name, value, limit in (
-            ("lpips", quality.lpips, thresholds.lpips_max),
-            ("clip_delta", quality.clip_delta, thresholds.clip_delta_max),
+            ("lpips", lpips_worst, thresholds.lpips_max),
+            ("clip_delta", clip_worst, thresholds.clip_delta_max),
         )
         if value > limit
     ]
     if not misses:
         return Hypothesis(**hypothesis, status="PASS")
     reason = "; ".join(
-        f"{name} exceeds its limit {limit:g} by {excess:.4g}" for name, excess, limit in misses
+        f"worst seed's {name} exceeds its limit {limit:g} by {excess:.4g}"
+        for name, excess, limit in misses
     )
     near = len(misses) == 1 and misses[0][1] < H1_WARN_MARGIN * misses[0][2]
     return Hypothesis(**hypothesis, status="WARN" if near else "FAIL", reason=reason)
+
+
+def _worst(per_image: list[float] | None, mean: float | None) -> float | None:
+    """The largest per-image value; the mean when only the mean was recorded."""
+    return max(per_image) if per_image else mean
 
 
 def _h2_memory(memory: Mapping[str, Any], thresholds: Thresholds) -> Hypothesis:

@@ -7,6 +7,7 @@ to the full model. The thresholds live in one YAML file (packaged default:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -16,14 +17,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fragjobs.config import get_settings
-from fragjobs.errors import ConfigError
+from fragjobs.errors import ConfigError, InvalidInputError
 from fragjobs.keys import check_fraction
 
 if TYPE_CHECKING:  # the metrics need torch; reading thresholds does not
     from fragjobs.validation.metrics import QualityMetrics
 
-GATE_METRICS = ("ssim", "lpips", "clip_delta")
+GATE_METRICS = ("ssim", "colour_delta_e", "lpips", "clip_delta")
 """The metrics the quality gate checks, in the order of its checks."""
+
+ALWAYS_COMPUTED = ("ssim", "colour_delta_e")
+"""Gate metrics computed from the images alone (no weights, no model): the gate passes only
+when each of them passes."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,12 @@ REGRESSION_METRICS = {
     for m in (
         RegressionMetric("ssim", "higher", "quality", "mean SSIM vs the full model"),
         RegressionMetric("ssim_worst", "higher", "quality", "worst validation seed's SSIM"),
+        RegressionMetric(
+            "colour_delta_e", "lower", "quality", "mean colour ΔE00 vs the full model"
+        ),
+        RegressionMetric(
+            "colour_delta_e_worst", "lower", "quality", "worst validation seed's colour ΔE00"
+        ),
         RegressionMetric("psnr_db", "higher", "quality", "mean PSNR vs the full model (dB)"),
         RegressionMetric("lpips", "lower", "quality", "mean LPIPS vs the full model"),
         RegressionMetric("clip_delta", "lower", "quality", "CLIP-score drop vs the full model"),
@@ -90,9 +101,12 @@ class Thresholds(BaseModel):
     """The thresholds of the quality gate, of hypotheses H1–H5 and of the regression gate.
 
     Fractions (``clip_delta_max``, ``lpips_max``, ``ssim_min``, ``vram_reduction_min``,
-    ``reuse_pass_rate_min``) must be in (0, 1]; ``batch_speedup_min`` must be > 1;
-    ``break_even_max_variants`` must be an integer >= 1. Every one of these is required and
-    unknown keys are rejected, so a typo cannot silently fall back to a default.
+    ``reuse_pass_rate_min``) must be in (0, 1]; ``colour_delta_e_max`` (CIEDE2000 units)
+    must be a number > 0; ``batch_speedup_min`` must be > 1; ``break_even_max_variants`` must
+    be an integer >= 1. Every one of these is required and unknown keys are rejected, so a
+    typo cannot silently fall back to a default. The gate's limits (``ssim_min``,
+    ``colour_delta_e_max``, ``lpips_max``, ``clip_delta_max``) hold for every validation
+    seed: the worst seed decides.
 
     ``required_metrics`` (default ``[ssim]``): gate metrics (:data:`GATE_METRICS`) that must
     have been computed; a missing one fails the gate with that reason. ``regression``
@@ -105,6 +119,7 @@ class Thresholds(BaseModel):
     clip_delta_max: float
     lpips_max: float
     ssim_min: float
+    colour_delta_e_max: float
     vram_reduction_min: float
     batch_speedup_min: float
     reuse_pass_rate_min: float
@@ -123,6 +138,13 @@ class Thresholds(BaseModel):
     @classmethod
     def _fraction(cls, value: Any) -> float:
         return check_fraction(value, "this threshold")
+
+    @field_validator("colour_delta_e_max", mode="before")
+    @classmethod
+    def _delta_e(cls, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"must be a number > 0 (a CIEDE2000 difference), got {value!r}")
+        return float(value)
 
     @field_validator("batch_speedup_min", mode="before")
     @classmethod
@@ -201,10 +223,13 @@ def _describe(error: Any) -> str:
 
 
 class Check(BaseModel):
-    """One comparison of the gate: ``value op limit``.
+    """One comparison of the gate: ``value op limit``, ``value`` being the worst seed's.
 
     ``status`` is ``UNAVAILABLE`` when the metric could not be computed (``value`` is ``None``
-    and ``reason`` is the metric's reason); ``reason`` also explains a ``FAIL``.
+    and ``reason`` is the metric's reason); ``reason`` also explains a ``FAIL``, naming the
+    seed. ``seed``: the worst seed (``None`` when the seeds were not given, or only a mean
+    was recorded); ``image``: its index in the batch; ``mean``: the mean over seeds, for
+    reports (the gate does not decide on it).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -215,6 +240,9 @@ class Check(BaseModel):
     op: Literal[">=", "<="]
     status: Literal["PASS", "FAIL", "UNAVAILABLE"]
     reason: str | None
+    mean: float | None = None
+    image: int | None = None
+    seed: int | None = None
 
 
 class GateResult(BaseModel):
@@ -231,35 +259,78 @@ class GateResult(BaseModel):
     not_run: list[str] = []
 
 
-def evaluate_gate(metrics: QualityMetrics, thresholds: Thresholds) -> GateResult:
-    """Gate a fragment on its quality metrics.
+_NOT_MEASURED = "not measured (metrics recorded before fragjobs measured it per seed)"
 
-    Checks ``ssim >= ssim_min``, ``lpips <= lpips_max`` and ``clip_delta <= clip_delta_max``.
+
+def evaluate_gate(
+    metrics: QualityMetrics, thresholds: Thresholds, seeds: Sequence[int] | None = None
+) -> GateResult:
+    """Gate a fragment on its quality metrics, the worst seed deciding.
+
+    Checks, on the worst image of the batch: ``ssim >= ssim_min``, ``colour_delta_e <=
+    colour_delta_e_max``, ``lpips <= lpips_max`` and ``clip_delta <= clip_delta_max``. One
+    bad seed among good ones fails the gate; the means are kept on each check for reports.
     A metric that could not be computed gives an ``UNAVAILABLE`` check carrying the metric's
     reason; it neither passes nor fails.
 
-    Rule: ``passed`` is True only when the SSIM check (always computable) passes, no
-    available check fails and every metric of ``thresholds.required_metrics`` was computed
-    (a missing required metric is a ``FAIL`` check saying so). A fragment with LPIPS and CLIP
-    unavailable and not required passes on SSIM alone; ``not_run`` then names both checks with
-    their reasons, and the report's hypothesis H1 says ``UNAVAILABLE`` rather than ``PASS``.
+    Rule: ``passed`` is True only when the SSIM and colour checks (computed from the images
+    alone) pass, no available check fails and every metric of
+    ``thresholds.required_metrics`` was computed (a missing required metric is a ``FAIL``
+    check saying so). A fragment with LPIPS and CLIP unavailable and not required passes on
+    SSIM and colour; ``not_run`` then names both checks with their reasons, and the report's
+    hypothesis H1 says ``UNAVAILABLE`` rather than ``PASS``.
 
     Args:
         metrics: the fragment's metrics from :func:`compute_quality`.
         thresholds: the thresholds (see :func:`load_thresholds`).
+        seeds: the seeds of the images, in order, to name the worst one in each check.
 
     Returns:
-        The decision and the three checks, SSIM first.
+        The decision and the four checks, in the order of :data:`GATE_METRICS`.
+
+    Raises:
+        InvalidInputError: ``seeds`` is not one seed per image.
     """
+    if seeds is not None and len(seeds) != metrics.num_images:
+        raise InvalidInputError(
+            f"seeds name {len(seeds)} images but the metrics have {metrics.num_images}"
+        )
     checks = [
-        _check("ssim", metrics.ssim, thresholds.ssim_min, ">=", None),
-        _check("lpips", metrics.lpips, thresholds.lpips_max, "<=", metrics.lpips_reason),
         _check(
-            "clip_delta", metrics.clip_delta, thresholds.clip_delta_max, "<=", metrics.clip_reason
+            "ssim", metrics.ssim, metrics.ssim_per_image, thresholds.ssim_min, ">=", None, seeds
+        ),
+        _check(
+            "colour_delta_e",
+            metrics.colour_delta_e,
+            metrics.colour_delta_e_per_image,
+            thresholds.colour_delta_e_max,
+            "<=",
+            _NOT_MEASURED,
+            seeds,
+        ),
+        _check(
+            "lpips",
+            metrics.lpips,
+            metrics.lpips_per_image,
+            thresholds.lpips_max,
+            "<=",
+            metrics.lpips_reason,
+            seeds,
+        ),
+        _check(
+            "clip_delta",
+            metrics.clip_delta,
+            metrics.clip_delta_per_image,
+            thresholds.clip_delta_max,
+            "<=",
+            metrics.clip_reason,
+            seeds,
         ),
     ]
     checks = [_required(c) if c.name in thresholds.required_metrics else c for c in checks]
-    passed = checks[0].status == "PASS" and all(c.status != "FAIL" for c in checks)
+    passed = all(c.status == "PASS" for c in checks if c.name in ALWAYS_COMPUTED) and all(
+        c.status != "FAIL" for c in checks
+    )
     not_run = [f"{c.name}: {c.reason}" for c in checks if c.value is None]
     return GateResult(passed=passed, checks=checks, not_run=not_run)
 
@@ -274,12 +345,14 @@ def _required(check: Check) -> Check:
 
 def _check(
     name: str,
-    value: float | None,
+    mean: float | None,
+    per_image: list[float] | None,
     limit: float,
     op: Literal[">=", "<="],
     unavailable_reason: str | None,
+    seeds: Sequence[int] | None,
 ) -> Check:
-    if value is None:
+    if mean is None:
         return Check(
             name=name,
             value=None,
@@ -288,8 +361,32 @@ def _check(
             status="UNAVAILABLE",
             reason=unavailable_reason,
         )
+    image = seed = None
+    value = mean  # metrics recorded before per-image values: only the mean is known
+    if per_image:
+        pick = min if op == ">=" else max
+        image = pick(range(len(per_image)), key=per_image.__getitem__)
+        value = per_image[image]
+        seed = None if seeds is None else seeds[image]
     ok = value >= limit if op == ">=" else value <= limit
-    reason = None if ok else f"{name} {value:.4g} is not {op} {limit:g}"
+    reason = None
+    if not ok:
+        where = (
+            f"on seed {seed}"
+            if seed is not None
+            else f"on image {image}"
+            if image is not None
+            else "(mean)"
+        )
+        reason = f"{name} {value:.4g} {where} is not {op} {limit:g} (mean {mean:.4g})"
     return Check(
-        name=name, value=value, limit=limit, op=op, status="PASS" if ok else "FAIL", reason=reason
+        name=name,
+        value=value,
+        limit=limit,
+        op=op,
+        status="PASS" if ok else "FAIL",
+        reason=reason,
+        mean=mean,
+        image=image,
+        seed=seed,
     )

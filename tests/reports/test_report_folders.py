@@ -115,6 +115,8 @@ def quality(ssim: float = 0.95, clip_delta: float | None = 0.01) -> QualityMetri
         num_images=2,
         height=64,
         width=64,
+        colour_delta_e=1.5,
+        colour_delta_e_per_image=[1.0, 2.0],
     )
 
 
@@ -169,6 +171,8 @@ def write_run(
             {
                 "key": "shapes_0123456789abcdef_01234567",
                 "ssim": ssim,
+                "ssim_worst": ssim - 0.02,
+                "colour_delta_e_worst": 2.0,
                 "clip_delta": clip_delta,
                 "speedup": speedup,
                 "passed": True,

@@ -50,8 +50,12 @@ def quality(**changes: Any) -> QualityMetrics:
         "num_images": 1,
         "height": 32,
         "width": 32,
+        "colour_delta_e": 1.0,
     }
     values.update(changes)
+    for name in ("ssim", "lpips", "clip_delta", "colour_delta_e"):  # one image: worst = mean
+        if f"{name}_per_image" not in changes:
+            values[f"{name}_per_image"] = None if values[name] is None else [values[name]]
     return QualityMetrics(**values)
 
 
@@ -116,6 +120,7 @@ def test_summary_skeleton_is_strict_json() -> None:
     assert result["gate"]["passed"] is True
     assert result["hypotheses"]["H1"]["thresholds"] == {
         "ssim_min": 0.85,
+        "colour_delta_e_max": THRESHOLDS.colour_delta_e_max,
         "lpips_max": 0.15,
         "clip_delta_max": 0.03,
     }
@@ -164,6 +169,7 @@ def test_h1_unavailable_names_lpips_when_lpips_is_null() -> None:
         ({"lpips": 0.2}, "FAIL"),  # misses by 0.05 >= 0.0375
         ({"lpips": 0.16, "clip_delta": 0.035}, "FAIL"),  # two limits missed
         ({"ssim": 0.8}, "FAIL"),
+        ({"colour_delta_e": 30.0}, "FAIL"),
     ],
 )
 def test_h1_grades(changes: dict, status: str) -> None:

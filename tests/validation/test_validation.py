@@ -48,6 +48,7 @@ def write_thresholds(path: Path, **changes: object) -> Path:
         "clip_delta_max": 0.03,
         "lpips_max": 0.15,
         "ssim_min": 0.85,
+        "colour_delta_e_max": 10,
         "vram_reduction_min": 0.25,
         "batch_speedup_min": 1.5,
         "reuse_pass_rate_min": 0.8,
@@ -327,6 +328,7 @@ def test_packaged_thresholds_load() -> None:
         clip_delta_max=0.03,
         lpips_max=0.15,
         ssim_min=0.85,
+        colour_delta_e_max=10,
         vram_reduction_min=0.25,
         batch_speedup_min=1.5,
         reuse_pass_rate_min=0.8,
@@ -361,6 +363,11 @@ def test_thresholds_path_setting_is_used(monkeypatch: pytest.MonkeyPatch, tmp_pa
         ({"ssim_min": True}, "ssim_min"),
         ({"batch_speedup_min": 1.0}, "batch_speedup_min"),
         ({"break_even_max_variants": 0}, "break_even_max_variants"),
+        ({"colour_delta_e_max": 0}, "colour_delta_e_max: must be a number > 0"),
+        ({"colour_delta_e_max": "10"}, "colour_delta_e_max"),
+        ({"colour_delta_e_max": False}, "colour_delta_e_max"),
+        ({"colour_delta_e": 10}, "unknown key 'colour_delta_e'"),
+        ({"required_metrics": ["ssim", "colour"]}, "required_metrics: unknown metric"),
         ({"break_even_max_variants": 2.5}, "break_even_max_variants"),
         ({"ssim_minimum": 0.9}, "unknown key 'ssim_minimum'"),
         ({"required_metrics": ["ssim", "fid"]}, "required_metrics: unknown metric"),
@@ -404,11 +411,12 @@ def test_gate_passes_identical_images_with_unavailable_checks(thresholds: Thresh
     assert gate.passed
     assert [(c.name, c.status) for c in gate.checks] == [
         ("ssim", "PASS"),
+        ("colour_delta_e", "PASS"),
         ("lpips", "UNAVAILABLE"),
         ("clip_delta", "UNAVAILABLE"),
     ]
-    assert gate.checks[1].reason == metrics.lpips_reason
-    assert gate.checks[2].reason == metrics.clip_reason
+    assert gate.checks[2].reason == metrics.lpips_reason
+    assert gate.checks[3].reason == metrics.clip_reason
 
 
 def test_gate_fails_noisy_images_on_ssim(thresholds: Thresholds) -> None:
@@ -424,11 +432,11 @@ def test_gate_fails_noisy_images_on_ssim(thresholds: Thresholds) -> None:
 def test_gate_fails_when_an_available_metric_misses(thresholds: Thresholds) -> None:
     base = compute_quality(smooth_images(), smooth_images(), PROMPT).model_dump()
     base.update(lpips=0.2, lpips_reason=None, clip_full=0.3, clip_fragment=0.29, clip_delta=0.01)
-    base["clip_reason"] = None
+    base.update(lpips_per_image=[0.2] * 3, clip_delta_per_image=[0.01] * 3, clip_reason=None)
     gate = evaluate_gate(QualityMetrics(**base), thresholds)
     assert not gate.passed
-    assert [c.status for c in gate.checks] == ["PASS", "FAIL", "PASS"]
-    base.update(lpips=0.1)
+    assert [c.status for c in gate.checks] == ["PASS", "PASS", "FAIL", "PASS"]
+    base.update(lpips=0.1, lpips_per_image=[0.1] * 3)
     assert evaluate_gate(QualityMetrics(**base), thresholds).passed
 
 
@@ -446,7 +454,7 @@ def test_gate_records_the_checks_it_could_not_run_and_fails_a_required_one(
     strict = thresholds.model_copy(update={"required_metrics": ("ssim", "lpips")})
     gate = evaluate_gate(metrics, strict)
     assert not gate.passed
-    lpips = gate.checks[1]
+    lpips = gate.checks[2]
     assert lpips.status == "FAIL" and "required" in lpips.reason
     assert metrics.lpips_reason in lpips.reason
-    assert gate.checks[2].status == "UNAVAILABLE"  # not required: recorded, not failed
+    assert gate.checks[3].status == "UNAVAILABLE"  # not required: recorded, not failed
