@@ -119,28 +119,23 @@ class _Block:
             self.vectors = np.zeros((0, self.dim), np.float32)
             self.thresholds = np.zeros(0, np.float32)
         start, count = len(self.keys), len(row_ids)
-        capacity = self.vectors.shape[0]
-        if start + count > capacity:
-            grown = max(64, 1 << (start + count - 1).bit_length())
-            self.vectors = np.concatenate(
-                [self.vectors, np.zeros((grown - capacity, self.dim), np.float32)]
-            )
-            self.thresholds = np.concatenate(
-                [self.thresholds, np.full(grown - capacity, np.inf, np.float32)]
-            )
+        if start + count > self.vectors.shape[0]:
+            self._grow(max(64, 1 << (start + count - 1).bit_length()))
         self.vectors[start : start + count] = vectors
         self.thresholds[start : start + count] = thresholds
         self.keys.extend(keys)
         self.slot_of.update(zip(row_ids, range(start, start + count), strict=True))
         self.id_of_key.update(zip(keys, row_ids, strict=True))
 
+    def _grow(self, capacity: int) -> None:
+        more = capacity - self.vectors.shape[0]
+        self.vectors = np.concatenate([self.vectors, np.zeros((more, self.dim), np.float32)])
+        self.thresholds = np.concatenate([self.thresholds, np.full(more, np.inf, np.float32)])
+
     def _append_slot(self) -> int:
         slot = len(self.keys)
         if slot == self.vectors.shape[0]:  # grow by doubling: amortised O(1) per fragment
-            self.vectors = np.concatenate([self.vectors, np.zeros_like(self.vectors)])
-            self.thresholds = np.concatenate(
-                [self.thresholds, np.full_like(self.thresholds, np.inf)]
-            )
+            self._grow(max(64, 2 * slot))
         self.keys.append(None)
         return slot
 

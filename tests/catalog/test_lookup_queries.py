@@ -263,3 +263,18 @@ def test_the_cold_build_keeps_only_usable_embeddings(catalog: Catalog) -> None:
     assert index.refresh(lib.base.id) == 5 and index.size(lib.base.id) == 3
     assert [k for k, _ in index.candidates(lib.base.id, np.asarray(unit(1, 2)))][0] == good[2]
     assert index.cold_build_s[lib.base.id] > 0
+
+
+def test_the_matrix_grows_and_reuses_freed_slots() -> None:
+    from fragjobs.library_index import _Block
+
+    block = _Block()
+    block.put_many([1, 2], ["a", "b"], np.eye(2, DIM, dtype=np.float32), np.full(2, 0.8))
+    for i in range(3, 103):  # one at a time, past the first capacity
+        block.put(i, f"k{i}", np.asarray(unit(1, i), np.float32), 0.8)
+    assert len(block.slot_of) == 102 and block.vectors.shape[0] >= 102
+    block.remove(2)
+    block.put(200, "new", np.asarray(unit(0, 1), np.float32), 0.5)
+    assert block.slot_of[200] == 1 and block.keys[1] == "new" and len(block.keys) == 102
+    block.put_many([300, 301], ["x", "y"], np.eye(2, DIM, dtype=np.float32), np.full(2, 0.8))
+    assert block.keys[102:] == ["x", "y"] and block.id_of_key["y"] == 301
