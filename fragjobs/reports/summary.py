@@ -28,6 +28,10 @@ fraction of the limit."""
 
 REUSE_NOT_MEASURED = "paraphrase reuse not measured in this run"
 NEVER_PAYS_BACK = "fragment is not faster than the full model: never pays back"
+GATE_FAILED = (
+    "the fragment failed its quality gate, so it is not used: no speed-up is claimed at a "
+    "fidelity the gate rejects"
+)
 
 Status = Literal["PASS", "WARN", "FAIL", "UNAVAILABLE"]
 
@@ -93,8 +97,8 @@ def build_metrics_summary(
         "H1": _h1_quality(quality, thresholds),
         "H2": _h2_memory(memory, thresholds),
         "H3": _h3_reuse(reuse, thresholds),
-        "H4": _h4_speed(performance, thresholds),
-        "H5": _h5_break_even(performance, thresholds),
+        "H4": _h4_speed(performance, thresholds, gate.passed),
+        "H5": _h5_break_even(performance, thresholds, gate.passed),
     }
     summary = {
         "schema": SCHEMA,
@@ -253,14 +257,16 @@ def _latencies(performance: Mapping[str, Any]) -> tuple[float | None, float | No
     )
 
 
-def _h4_speed(performance: Mapping[str, Any], thresholds: Thresholds) -> Hypothesis:
+def _h4_speed(
+    performance: Mapping[str, Any], thresholds: Thresholds, gate_passed: bool
+) -> Hypothesis:
     full, fragment = _latencies(performance)
     minimum = thresholds.batch_speedup_min
     speedup = None if full is None or fragment is None else full / fragment
     hypothesis = {
         "name": "batch speed-up",
-        "claim": "Per-image latency, same steps, same batch, warm, measured in this run: "
-        "full / fragment >= batch_speedup_min.",
+        "claim": "Per-image latency, same steps, same batch, warm, measured in this run, of a "
+        "fragment that passed its quality gate: full / fragment >= batch_speedup_min.",
         "values": {
             "latency_full_ms": full,
             "latency_fragment_ms": fragment,
@@ -273,10 +279,16 @@ def _h4_speed(performance: Mapping[str, Any], thresholds: Thresholds) -> Hypothe
     if speedup is None:
         reason = "latency_full_ms and latency_fragment_ms were not both measured in this run"
         return Hypothesis(**hypothesis, status="UNAVAILABLE", reason=reason)
+    if not gate_passed:
+        return Hypothesis(
+            **hypothesis, status="FAIL", reason=f"speed-up {speedup:.4g}: {GATE_FAILED}"
+        )
     return _graded(hypothesis, speedup >= minimum, speedup > 1.0, f"speed-up {speedup:.4g}")
 
 
-def _h5_break_even(performance: Mapping[str, Any], thresholds: Thresholds) -> Hypothesis:
+def _h5_break_even(
+    performance: Mapping[str, Any], thresholds: Thresholds, gate_passed: bool
+) -> Hypothesis:
     full, fragment = _latencies(performance)
     overhead = _measurement(performance, "overhead_s", "performance")
     maximum = thresholds.break_even_max_variants
@@ -297,6 +309,8 @@ def _h5_break_even(performance: Mapping[str, Any], thresholds: Thresholds) -> Hy
         return Hypothesis(**hypothesis, status="UNAVAILABLE", reason=reason)
     if saving <= 0:
         return Hypothesis(**hypothesis, status="FAIL", reason=NEVER_PAYS_BACK)
+    if not gate_passed:
+        return Hypothesis(**hypothesis, status="FAIL", reason=GATE_FAILED)
     variants = overhead / saving
     hypothesis["values"]["break_even_variants"] = variants
     return _graded(

@@ -303,6 +303,29 @@ def test_h4_grades(full_ms: float | None, fragment_ms: float, status: str) -> No
     assert (values["batch_size"], values["steps"]) == (4, 20)
 
 
+def test_no_speed_up_is_claimed_for_a_fragment_that_failed_its_gate() -> None:
+    """A 2x faster fragment whose one seed turned red is not a speed-up (issue 16, item 5)."""
+    metrics = quality(
+        num_images=2,
+        ssim=0.95,
+        ssim_per_image=[0.96, 0.94],
+        psnr_per_image=[30.0, 30.0],
+        lpips_per_image=[0.05, 0.05],
+        clip_delta_per_image=[0.01, 0.01],
+        colour_delta_e=15.0,
+        colour_delta_e_per_image=[1.0, 29.0],
+    )
+    result = summary(metrics=metrics)
+    assert result["gate"]["passed"] is False
+    for name in ("H4", "H5"):
+        status, reason, _ = hypothesis(result, name)
+        assert status == "FAIL" and "failed its quality gate" in reason
+    assert hypothesis(result, "H4")[2]["speedup"] == pytest.approx(2.0)  # still reported
+    status, reason, values = hypothesis(result, "H1")
+    assert status == "FAIL" and "colour" in reason
+    assert (values["colour_delta_e"], values["colour_delta_e_worst"]) == (15.0, 29.0)
+
+
 # --- H5 break-even ---------------------------------------------------------------------------
 
 
