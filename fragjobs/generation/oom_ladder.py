@@ -81,6 +81,8 @@ def release_cached_memory(device: torch.device) -> None:
 class BudgetedGeneration:
     """One job's images under a memory budget, stepping down the ladder on out-of-memory.
 
+    One object per job: the rungs it took stay taken until :meth:`run` returns.
+
     Args:
         pipe: the pipeline to generate with (fragment or full model).
         config: sampling settings; ``config.batch_size`` is the ceiling of the batch size.
@@ -192,7 +194,10 @@ class BudgetedGeneration:
                     self._per_sample = -(-added // len(chunk))
                     self.metrics["per_sample_bytes"] = self._per_sample
                     self.metrics["per_sample_source"] = "measured"
-                    batch = max(1, self._fit(self._ceiling))
+                    batch = self._fit(self._ceiling)
+                    if batch == 0:  # it ran, so it is not out of memory: one at a time
+                        self.metrics["over_budget"] = True
+                        batch = 1
         if not out:
             return torch.empty(0)
         return torch.stack([out[s] for s in seeds])
