@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     memory_budget_mb: float | None = Field(
         default=None,
         gt=0,
+        allow_inf_nan=False,
         description="Memory a node's generation may use, in MiB; default: the device's free "
         "memory × 0.8, read when a job starts.",
     )
