@@ -322,6 +322,10 @@ def check_stored(store: ObjectStore, sha256: str) -> BaseIndex:
 class BaseCache:
     """Node-local copies of stored bases, least recently used evicted beyond ``max_bytes``.
 
+    A copy is evicted only to make room for another; one evicted while another process of
+    the node loads it makes that load fail, so the cap should hold the bases a node runs at
+    once.
+
     Args:
         folder: where the copies live (created if missing); processes of a node may share it.
         max_bytes: the most bytes the copies may occupy together.

@@ -30,7 +30,11 @@ def base(model: str | None, settings: Settings | None = None) -> LoadedBase:
     key = (model, settings.device)
     if key not in STATE.bases:
         sha256 = stored_sha256(model)
-        warm = [k for k, v in STATE.bases.items() if sha256 and v.info.sha256 == sha256]
+        warm = [
+            k
+            for k, v in STATE.bases.items()
+            if sha256 and v.info.sha256 == sha256 and k[1] == settings.device
+        ]
         if warm:
             key = warm[0]
         else:
