@@ -3,7 +3,9 @@
 * :func:`remove_fragment` (``fragjobs fragments rm KEY``): the fragment's objects, its
   entries in this node's warm cache and its warm UNets go; its catalog row stays as a
   tombstone (status ``evicted``, hashes cleared) so lineage (profile, validations, jobs)
-  survives, and ``extract`` builds it again on demand.
+  survives, and ``extract`` or a generation that names it builds it again from its stored
+  profile (:mod:`fragjobs.chain.rebuild`). :func:`evict_fragment` does the same for the
+  library's size cap (:mod:`fragjobs.chain.library_cap`).
 * :func:`collect_garbage` (``fragjobs fragments gc``): fragments left ``building`` by a run
   that died (older than ``stale_s``) and store folders of fragments the catalog does not know.
 * :func:`rebuild_catalog` (``fragjobs db rebuild``): a catalog lost while the store still

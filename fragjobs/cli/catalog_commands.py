@@ -129,7 +129,7 @@ def fragments_rm(key):
     from fragjobs.chain.maintenance import remove_fragment
 
     remove_fragment(_workspace(), key)
-    click.echo(f"{key}: removed (status evicted; extract builds it again on demand)")
+    click.echo(f"{key}: removed (status evicted; rebuilt from its profile when asked for)")
 
 
 @fragments.command("pin")
