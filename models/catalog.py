@@ -128,6 +128,7 @@ class FragmentRow(Base):
         CheckConstraint(_in(FRAGMENT_STATUSES), name="status"),
         CheckConstraint(_in(FRAGMENT_PLACEMENTS), name="placement"),
         Index("ix_fragments_lookup", "base_model_id", "status", "prompt_hash"),
+        Index("ix_fragments_changes", "base_model_id", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

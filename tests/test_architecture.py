@@ -33,6 +33,8 @@ DOMAIN = (
     "fragjobs.storage",
     "fragjobs.catalog",
     "fragjobs.library",
+    "fragjobs.library_index",
+    "fragjobs.base_store",
     "fragjobs.reports",
 )
 FARM_LIBRARIES = ("celery", "kombu", "redis")
@@ -54,6 +56,7 @@ UPPER_LAYERS = (
     "fragjobs.farm",
     "fragjobs.client",
     "fragjobs.bench",
+    "fragjobs.bench_catalog",
     "fragjobs.doctor",
 )
 CORE = DOMAIN + UPPER_LAYERS + ("fragjobs.cli", "tasks", "celeryconfig", "models", "migrations")
@@ -78,7 +81,11 @@ RULES = [
         ("click", "tasks", "fragjobs.cli", "fragjobs.bench") + COMFY_NODES,
         "the farm side",
     ),
-    (("fragjobs.bench",), ("tasks", "fragjobs.cli") + COMFY_NODES, "the benchmarks"),
+    (
+        ("fragjobs.bench", "fragjobs.bench_catalog"),
+        ("tasks", "fragjobs.cli") + COMFY_NODES,
+        "the benchmarks",
+    ),
     (
         ("tasks", "celeryconfig"),
         ("click", "fragjobs.cli", "fragjobs.bench") + COMFY_NODES,

@@ -1,7 +1,8 @@
 """The library as a cache at farm scale: lookup columns, pins, placement, job metrics.
 
 ``fragments.prompt_hash`` (sha256 of the normalised prompt) and ``fragments.prompt_embedding``
-(float32 bytes) make exact and similar lookups queries instead of manifest reads;
+(float32 bytes) make exact and similar lookups queries instead of manifest reads (``ix_fragments_changes`` lets
+the similar-prompt index refresh only what changed);
 ``pinned`` exempts a fragment from the size cap's eviction; ``placement`` says whether it is
 in the shared library or kept node-local; ``generation_jobs.metrics`` records what a job
 measured and the memory steps it took. Existing fragments get their prompt hash here; their
@@ -47,6 +48,9 @@ def upgrade() -> None:
         batch.create_index(
             op.f("ix_fragments_lookup"), ["base_model_id", "status", "prompt_hash"], unique=False
         )
+        batch.create_index(
+            op.f("ix_fragments_changes"), ["base_model_id", "updated_at"], unique=False
+        )
     with op.batch_alter_table("generation_jobs") as batch:
         batch.add_column(sa.Column("metrics", sa.JSON(), nullable=True))
 
@@ -70,6 +74,7 @@ def downgrade() -> None:
     with op.batch_alter_table("generation_jobs") as batch:
         batch.drop_column("metrics")
     with op.batch_alter_table("fragments") as batch:
+        batch.drop_index(op.f("ix_fragments_changes"))
         batch.drop_index(op.f("ix_fragments_lookup"))
         batch.drop_constraint(op.f("ck_fragments_placement"), type_="check")
         batch.drop_column("placement")
