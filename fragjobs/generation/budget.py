@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,41 +151,70 @@ def choose_batch_size(
 def estimate_per_sample_bytes(
     pipe: Any, config: GenerationConfig, *, sliced: bool = False, tiled: bool = False
 ) -> int:
-    """Estimated peak memory one image adds to a batch, from the model's configuration.
+    """Estimated peak memory one image adds to a batch of ``pipe`` (see
+    :func:`estimate_from_configs`), in the UNet's dtype."""
+    tile = getattr(pipe.vae, "tile_sample_min_size", None) if tiled else None
+    return estimate_from_configs(
+        pipe.unet.config,
+        pipe.vae.config,
+        element_bytes=pipe.unet.dtype.itemsize,
+        height=config.height,
+        width=config.width,
+        guidance_scale=config.guidance_scale,
+        sliced=sliced,
+        tiled=tiled,
+        tile=tile,
+    )
+
+
+def estimate_from_configs(
+    unet: Mapping[str, Any],
+    vae: Mapping[str, Any],
+    *,
+    element_bytes: int,
+    height: int,
+    width: int,
+    guidance_scale: float,
+    sliced: bool = False,
+    tiled: bool = False,
+    tile: int | None = None,
+) -> int:
+    """Estimated peak memory one image adds to a batch, from the UNet's and VAE's configs.
 
     The UNet's activations (skip connections of every level plus working tensors at the
     widest one, twice with classifier-free guidance) and its largest self-attention score
     matrix (halved by attention slicing), the VAE decoder's full-resolution activations
-    (reduced to one tile by tiling) and the output image. A rough figure, made to be replaced
-    by the measurement on the first batch.
+    (reduced to one ``tile`` — default the VAE's sample size — by tiling) and the output
+    image. A rough figure, made to be replaced by the measurement on the first batch; the
+    doctor's capacity line uses it too, before any model is loaded.
     """
-    unet, vae = pipe.unet.config, pipe.vae.config
-    element = pipe.unet.dtype.itemsize
-    scale = 2 ** (len(vae.block_out_channels) - 1)
-    latent_h, latent_w = config.height // scale, config.width // scale
-    heads = unet.attention_head_dim
-    channels = list(unet.block_out_channels)
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    latent_h, latent_w = height // scale, width // scale
+    channels = list(unet["block_out_channels"])
+    heads = unet["attention_head_dim"]
     heads = list(heads) if isinstance(heads, list | tuple) else [heads] * len(channels)
+    layers = unet["layers_per_block"]
+    layers = max(layers) if isinstance(layers, list | tuple) else layers
     activations, attention = 0, 0
-    for level, (width, level_heads) in enumerate(zip(channels, heads, strict=True)):
+    for level, (channel, level_heads) in enumerate(zip(channels, heads, strict=True)):
         pixels = (latent_h >> level) * (latent_w >> level)
-        activations += pixels * width * (unet.layers_per_block + 1) * 2
-        if "CrossAttn" in unet.down_block_types[level]:
+        activations += pixels * channel * (layers + 1) * 2
+        if "CrossAttn" in unet["down_block_types"][level]:
             attention = max(attention, level_heads * pixels * pixels)
     activations += latent_h * latent_w * channels[0] * _UNET_WORKING_COPIES
     if sliced:
         attention //= 2
-    guidance = 2 if config.guidance_scale > 1 else 1
-    unet_bytes = guidance * element * (activations + attention)
+    guidance = 2 if guidance_scale > 1 else 1
+    unet_bytes = guidance * element_bytes * (activations + attention)
 
-    vae_pixels = config.height * config.width
+    vae_pixels = height * width
     if tiled:
-        tile = getattr(pipe.vae, "tile_sample_min_size", None) or vae.sample_size
+        tile = tile or vae["sample_size"]
         vae_pixels = min(vae_pixels, tile * tile)
-    vae_bytes = element * (
-        vae_pixels * vae.block_out_channels[0] * _VAE_WORKING_COPIES + (latent_h * latent_w) ** 2
+    vae_bytes = element_bytes * (
+        vae_pixels * vae["block_out_channels"][0] * _VAE_WORKING_COPIES + (latent_h * latent_w) ** 2
     )
-    image_bytes = 3 * config.height * config.width * 4
+    image_bytes = 3 * height * width * 4
     return int(unet_bytes + vae_bytes + image_bytes)
 
 
