@@ -203,3 +203,22 @@ def test_metrics_recorded_before_the_colour_check_do_not_pass(thresholds: Thresh
     gate = evaluate_gate(QualityMetrics(**old), thresholds)
     assert not gate.passed
     assert gate.checks[1].status == "UNAVAILABLE" and "not measured" in gate.checks[1].reason
+
+
+def test_the_limit_separates_colour_names_but_not_shades_of_one(thresholds: Thresholds) -> None:
+    """Every named colour at its darkest vs lightest shade (the renderer's 0.9-1.1) passes;
+    every two different names fail, the closest pair (blue, purple) included."""
+    from itertools import combinations
+
+    from fragjobs.builtin.scenes import BACKGROUNDS, COLOURS
+
+    def lab(rgb: tuple[int, int, int], shade: float = 1.0) -> torch.Tensor:
+        pixel = (torch.tensor(rgb, dtype=torch.float64) * shade / 255.0).clamp(0, 1)
+        return rgb_to_lab(pixel.view(1, 3, 1, 1)).flatten()
+
+    limit = thresholds.colour_delta_e_max
+    for rgb in COLOURS.values():
+        assert float(ciede2000(lab(rgb, 0.9), lab(rgb, 1.1))) < limit
+    for table in (COLOURS, BACKGROUNDS):
+        for first, second in combinations(table.values(), 2):
+            assert float(ciede2000(lab(first), lab(second))) > limit

@@ -328,7 +328,7 @@ def test_packaged_thresholds_load() -> None:
         clip_delta_max=0.03,
         lpips_max=0.15,
         ssim_min=0.85,
-        colour_delta_e_max=10,
+        colour_delta_e_max=12,
         vram_reduction_min=0.25,
         batch_speedup_min=1.5,
         reuse_pass_rate_min=0.8,
