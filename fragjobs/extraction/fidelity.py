@@ -1,7 +1,10 @@
 """Fidelity checks used while extracting: a candidate UNet against the full model's images.
 
 The full model's images for the profiling seeds come from the profile's own final latents
-(decoded), so a check costs only the candidate's generation. The worst seed decides.
+(decoded), so a check costs only the candidate's generation. The worst seed decides, as in
+the quality gate. The searches hold SSIM only; the gate's colour check (its limit is in
+``thresholds.yaml``, not a search knob) judges the result, and a fragment it refuses is
+followed by the ladder's next rung (:mod:`fragjobs.chain.ladder`).
 """
 
 from __future__ import annotations
