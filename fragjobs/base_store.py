@@ -346,8 +346,8 @@ class BaseCache:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BaseCache:
-        """``<FRAGJOBS_CACHE_DIR>/bases``, capped at ``FRAGJOBS_CACHE_MAX_BYTES``."""
-        return cls(settings.resolved_cache_dir / "bases", settings.cache_max_bytes)
+        """``<FRAGJOBS_CACHE_DIR>/bases``, capped at ``FRAGJOBS_BASE_CACHE_MAX_BYTES``."""
+        return cls(settings.resolved_cache_dir / "bases", settings.base_cache_max_bytes)
 
     def fetch(self, store: ObjectStore, sha256: str) -> Path:
         """The pipeline folder of base ``sha256``, fetched from ``store`` unless cached.
@@ -417,7 +417,7 @@ class BaseCache:
         if index.size > self.max_bytes:
             raise StorageError(
                 f"base {index.name} is {index.size} bytes, more than this node's cache holds "
-                f"({self.max_bytes}): raise FRAGJOBS_CACHE_MAX_BYTES"
+                f"({self.max_bytes}): raise FRAGJOBS_BASE_CACHE_MAX_BYTES"
             )
         self._evict(room_for=index.size)
         temporary = self.folder / f".{sha256}.{os.getpid()}.tmp"

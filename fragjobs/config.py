@@ -80,7 +80,14 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto).")
     s3_region: str = "us-east-1"
     cache_dir: Path | None = Field(default=None, description="Node-local warm cache folder.")
-    cache_max_bytes: int = Field(default=20 * 2**30, gt=0)
+    cache_max_bytes: int = Field(
+        default=20 * 2**30, gt=0, description="Size cap of the node's warm fragment cache."
+    )
+    base_cache_max_bytes: int = Field(
+        default=100 * 2**30,
+        gt=0,
+        description="Size cap of the node's base-model cache (bases fetched from the store).",
+    )
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
     default_model: str = "shapes"

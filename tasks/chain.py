@@ -8,7 +8,7 @@ a plain Celery chain (built by :class:`fragjobs.farm.client.Farm`); the chain's 
 decides (idempotence, the gate ladder, the poison guard) lives in the core.
 
 After every task the worker advertises the base models it holds (loaded, and in its node's
-base cache) for routing and ``fragjobs models ls`` (:func:`advertise_warm_bases`).
+base cache) for routing and ``fragjobs models ls`` (:func:`tasks.worker.advertise_warm_bases`).
 
 While it runs, a task reports ``PROGRESS`` (``{"step", "total", ...}``) to the result backend
 and as a ``task-progress`` event, which Flower shows. Retry policy: :mod:`tasks.policy`.
@@ -19,14 +19,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from fragjobs import chain
-from fragjobs.chain.bases import held_bases
-from fragjobs.errors import StorageError
 from tasks.app import app
 from tasks.policy import ChainTask, TransientError, transient_failures
-from tasks.worker import _identity, _warm_registry, advertise_warm_fragments
+from tasks.worker import advertise_warm_bases, advertise_warm_fragments
 
 log = logging.getLogger("fragjobs.tasks")
 
@@ -105,18 +101,3 @@ def generate(
     advertise_warm_fragments()
     advertise_warm_bases()
     return {**result, "worker": self.request.hostname}
-
-
-def advertise_warm_bases() -> None:
-    """Publish the bases this worker holds (:func:`fragjobs.chain.bases.held_bases`).
-
-    Routing is an optimisation: a broker or cache error is logged, never raised.
-    """
-    registry = _warm_registry()
-    if registry is None:
-        return
-    try:
-        loaded, cached = held_bases()
-        registry.advertise_bases(_identity["hostname"], _identity["queue"], loaded, cached)
-    except (RedisError, StorageError) as exc:
-        log.warning("cannot advertise the bases held here: %s", exc)

@@ -35,7 +35,8 @@ from redis.exceptions import RedisError
 
 from fragjobs import chain, doctor
 from fragjobs.catalog import Catalog
-from fragjobs.errors import CatalogError
+from fragjobs.chain.bases import held_bases
+from fragjobs.errors import CatalogError, StorageError
 from fragjobs.farm.launcher import EXIT_WORKER_REFUSED
 from fragjobs.farm.registry import WarmRegistry
 from fragjobs.farm.settings import SHARED_QUEUE
@@ -118,6 +119,21 @@ def advertise_warm_fragments() -> list[str]:
         except RedisError as exc:
             log.warning("cannot advertise warm fragments %s: %s", keys, exc)
     return keys
+
+
+def advertise_warm_bases() -> None:
+    """Publish the bases this worker holds (:func:`fragjobs.chain.bases.held_bases`).
+
+    Routing is an optimisation: a broker or cache error is logged, never raised.
+    """
+    registry = _warm_registry()
+    if registry is None:
+        return
+    try:
+        loaded, cached = held_bases()
+        registry.advertise_bases(_identity["hostname"], _identity["queue"], loaded, cached)
+    except (RedisError, StorageError) as exc:
+        log.warning("cannot advertise the bases held here: %s", exc)
 
 
 def _warm_registry() -> WarmRegistry | None:

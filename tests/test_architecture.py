@@ -283,6 +283,8 @@ def test_the_check_sees_a_lazy_import_and_a_circle(tmp_path):
         ["run", "a red circle", "--threshold", "2"],
         ["generate", "a red circle", "--seeds", "x"],
         ["fragments", "show", "Bad Key"],
+        ["models", "ls"],
+        ["models", "add", "/no/such/folder"],
         ["report", "ls"],
         ["report", "show", "latest"],
         ["report", "--compare", "latest", "--gate", "/no/such/thresholds.yaml"],

@@ -227,9 +227,9 @@ def test_a_folder_that_is_not_a_pipeline_is_refused_before_anything_is_queued(fa
     pipeline = tmp_path / "pipeline"
     pipeline.mkdir()
     (pipeline / "model_index.json").write_text("{}")
-    client.submit("a blue moon", variants=2, model=str(pipeline), queue="gpu.a.cpu0")
-    [(name, _args, kwargs)] = _queued(redis_client, "gpu.a.cpu0")
-    assert name == "fragjobs.profile" and kwargs["knobs"]["model"] == str(pipeline.resolve())
+    with pytest.raises(UnknownModelError, match="not a UNet text-to-image pipeline"):
+        client.submit("a blue moon", variants=2, model=str(pipeline), queue="gpu.a.cpu0")
+    assert redis_client.dbsize() == 0
 
 
 def test_the_client_polls_results_and_subscribes_to_nothing_when_sending(farm):

@@ -149,7 +149,7 @@ def test_fetch_checks_every_file_and_evicts_beyond_the_cap(
     assert cache.total_bytes() == second.size <= cache.max_bytes
     assert [i.sha256 for i in cache.cached()] == [second.sha256]
 
-    with pytest.raises(StorageError, match="raise FRAGJOBS_CACHE_MAX_BYTES"):
+    with pytest.raises(StorageError, match="raise FRAGJOBS_BASE_CACHE_MAX_BYTES"):
         BaseCache(tmp_path / "small", max_bytes=first.size - 1).fetch(store, first.sha256)
     with pytest.raises(ObjectNotFoundError, match="fragjobs models add"):
         cache.fetch(store, "0" * 64)
