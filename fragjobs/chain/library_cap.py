@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from fragjobs.catalog import FragmentEntity
 from fragjobs.chain.cache_policy import CacheDecision, CacheWeights, should_cache_fragment
 from fragjobs.chain.locks import write_lock
-from fragjobs.chain.maintenance import evict_fragment
+from fragjobs.chain.maintenance import CAP_EVICTION, evict_fragment
 from fragjobs.chain.stored import node_store, object_of
 from fragjobs.chain.workspaces import Workspace
 from fragjobs.errors import ConfigError, InvalidInputError
@@ -94,7 +94,7 @@ def enforce_library_cap(
             evicted = evict_fragment(
                 ws,
                 row.key,
-                f"evicted: the library was over its cap of {cap} bytes "
+                f"{CAP_EVICTION}: the library was over its cap of {cap} bytes "
                 "(least recently used, not pinned)",
                 only_if=_still_evictable,
             )

@@ -39,6 +39,11 @@ from fragjobs.manifest import FragmentManifest
 
 log = logging.getLogger("fragjobs")
 
+CAP_EVICTION = "evicted by the library cap"
+"""How the status reason of a fragment evicted by the size cap begins: only those are rebuilt
+on demand by a generation; one removed by ``fragjobs fragments rm`` stays removed until
+``extract`` is asked for it."""
+
 STALE_BUILDING_S = 3600.0
 """A fragment ``building`` for longer than this (without a stored manifest) was abandoned."""
 

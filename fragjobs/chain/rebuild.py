@@ -2,7 +2,7 @@
 
 The size cap (:mod:`fragjobs.chain.library_cap`) and ``fragjobs fragments rm`` delete a
 fragment's objects and keep its row (status ``evicted``), its profile and lineage. When a
-generation names it (its key, or the prompt's latest fragment), :func:`rebuild_evicted`
+generation names one the cap evicted (its key, or the prompt's latest), :func:`rebuild_evicted`
 extracts it again with the knobs recorded in its row, from its profile's stored statistics
 (the profile step is not run again), validates it and leaves it ``ready``: same key, same row.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 from fragjobs.catalog import FragmentEntity
 from fragjobs.chain.extract_step import extract
+from fragjobs.chain.maintenance import CAP_EVICTION
 from fragjobs.chain.validate_step import validate
 from fragjobs.chain.workspaces import Workspace
 from fragjobs.errors import FragjobsError, FragmentError
@@ -95,6 +96,9 @@ def rebuild_evicted(ws: Workspace, key: str, *, model: str | None = None) -> Fra
         raise FragmentError(
             f"rebuilding fragment {key} made {result.key}: the base model or the code changed"
         )
+    row = ws.catalog.get_fragment(key)
+    if result.reused and row.status == "ready":  # another process rebuilt it meanwhile
+        return row
     latest = ws.catalog.latest_validation(key)
     seeds = latest.metrics.get("seeds") if latest is not None else None
     if seeds:
@@ -110,24 +114,29 @@ def rebuilt_if_evicted(
     """The fragment a generation should use, rebuilt first if it was evicted.
 
     ``row`` is what the lookup found (None: nothing ready). When it is None, the prompt's
-    most recently used evicted fragment on this base is the one rebuilt. A rebuild that
-    fails is logged and the evicted row is returned, so the generation falls back to the
-    full model and says why.
+    most recently used fragment evicted by the cap on this base is the one rebuilt. Only
+    fragments the size cap evicted are rebuilt here; one removed by ``fragjobs fragments rm``
+    stays removed. A rebuild that fails is logged and the evicted row is returned, so the
+    generation falls back to the full model and says why.
     """
     if row is None:
         wanted = normalise_prompt(prompt)
         evicted = [
             f
             for f in ws.catalog.list_fragments(status=EVICTED, base_model_id=base_model_id)
-            if normalise_prompt(f.prompt) == wanted
+            if _evicted_by_cap(f) and normalise_prompt(f.prompt) == wanted
         ]
         if not evicted:
             return None
         row = max(evicted, key=lambda f: (f.last_used_at or f.created_at, f.hit_count))
-    if row.status != EVICTED:
+    if not _evicted_by_cap(row):
         return row
     try:
         return rebuild_evicted(ws, row.key)
     except FragjobsError as exc:
         log.warning("evicted fragment %s could not be rebuilt: %s", row.key, exc)
         return ws.catalog.get_fragment(row.key)
+
+
+def _evicted_by_cap(row: FragmentEntity) -> bool:
+    return row.status == EVICTED and (row.status_reason or "").startswith(CAP_EVICTION)

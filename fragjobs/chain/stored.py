@@ -77,18 +77,23 @@ def object_of(row: FragmentEntity, filename: str) -> str:
 def verified_objects(ws: Workspace, row: FragmentEntity) -> tuple[FragmentManifest, bytes]:
     """The fragment's manifest and file bytes, both checked against the catalog's sha256.
 
-    A mismatch or a missing object marks the fragment ``corrupt``, then raises; a
-    ``local`` fragment missing here is on another node, not corrupt.
+    A mismatch or a missing object marks the fragment ``corrupt``, then raises; an
+    ``evicted`` fragment has no objects and a ``local`` one missing here is on another
+    node: neither is corrupt.
 
     Raises:
         FragmentIntegrityError: stored bytes do not match their hashes, or are missing.
-        FragmentError: a ``local`` fragment whose objects are not on this node.
+        FragmentError: an evicted fragment, or a ``local`` one not on this node.
     """
     try:
         manifest = read_manifest(ws, row)
         data = read_object(ws, object_of(row, FRAGMENT_FILE), row.file_sha256, store_of(ws, row))
         return manifest, data
     except ObjectNotFoundError as exc:
+        if row.status == "evicted":  # its objects were deleted on purpose
+            raise FragmentError(
+                f"fragment {row.key} is evicted ({row.status_reason}): it has no stored objects"
+            ) from exc
         if row.placement == "local":  # kept by the node that built it, maybe not this one
             raise FragmentError(
                 f"fragment {row.key} is kept node-local and is not on this node: {exc}"

@@ -57,18 +57,22 @@ def fragments_show(key, as_json):
 
     ws = _workspace()
     row = ws.catalog.get_fragment(validate_key(key))
-    manifest, _ = verified_objects(ws, row)
+    # An evicted fragment has no stored objects: its row and lineage are all there is.
+    manifest = verified_objects(ws, row)[0] if row.status != "evicted" else None
     lineage = ws.catalog.lineage(key)
     document = {
         "catalog": asdict(row),
         "lineage": lineage,
-        "manifest": manifest.model_dump(mode="json"),
+        "manifest": manifest.model_dump(mode="json") if manifest is not None else None,
     }
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True, default=str))
         return
-    for line in _fragment_summary(row, manifest):
-        click.echo(line)
+    if manifest is None:
+        click.echo(f"{row.key}  evicted ({row.status_reason}); no stored objects")
+    else:
+        for line in _fragment_summary(row, manifest):
+            click.echo(line)
     click.echo("\ncatalog row:")
     for name, value in asdict(row).items():
         if name != "params":
@@ -77,8 +81,9 @@ def fragments_show(key, as_json):
     click.echo("lineage:")
     for name, value in lineage.items():
         click.echo(f"  {name:<15} {value}")
-    click.echo("manifest:")
-    click.echo(json.dumps(document["manifest"], indent=2, sort_keys=True))
+    if manifest is not None:
+        click.echo("manifest:")
+        click.echo(json.dumps(document["manifest"], indent=2, sort_keys=True))
 
 
 def _fragment_summary(row, manifest) -> list[str]:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from fragjobs import chain
 from fragjobs.chain.library_cap import enforce_library_cap, place_fragment
-from fragjobs.chain.maintenance import remove_fragment
+from fragjobs.chain.maintenance import CAP_EVICTION, remove_fragment
 from fragjobs.chain.rebuild import extraction_config_of
 from fragjobs.chain.stored import node_store, object_of
 from fragjobs.cli import main
@@ -98,7 +98,7 @@ def test_the_cap_evicts_the_least_recently_used_and_keeps_pinned_ones(library):
     assert list(report.evicted) == [k3]
     assert (report.before_bytes, report.after_bytes) == (before, size(ws, k1) + size(ws, k2))
     evicted = ws.catalog.get_fragment(k3)
-    assert evicted.status == "evicted" and "over its cap" in evicted.status_reason
+    assert evicted.status == "evicted" and evicted.status_reason.startswith(CAP_EVICTION)
     assert not stored(ws, k3) and stored(ws, k1) and stored(ws, k2)
     lineage = ws.catalog.lineage(k3)  # row, profile and validations are kept
     assert lineage["validation_ids"] and ws.catalog.find_profile(lineage["profile_id"])
@@ -172,14 +172,21 @@ def test_an_evicted_fragment_is_rebuilt_on_demand_from_its_stored_profile(librar
     assert len(ws.catalog.lineage(k1)["validation_ids"]) == 2  # first build and the rebuild
 
 
-def test_generate_naming_an_evicted_key_rebuilds_it(library):
-    ws, (k1, _, _) = library
-    remove_fragment(ws, k1)
+def test_generate_naming_an_evicted_key_rebuilds_it_but_not_a_removed_one(library):
+    ws, (k1, k2, k3) = library
+    assert list(enforce_library_cap(ws, size(ws, k2) + size(ws, k3)).evicted) == [k1]
     result = chain.generate(
         "something else entirely", variants=1, key=k1, model="tiny-sd", ws=ws, progress=False
     )
     assert result.fragment_key == k1 and not result.used_fallback
     assert ws.catalog.get_fragment(k1).status == "ready"
+
+    remove_fragment(ws, k2)  # removed by hand: it stays removed
+    result = chain.generate(
+        "another prompt", variants=1, key=k2, model="tiny-sd", ws=ws, progress=False
+    )
+    assert result.used_fallback and "evicted" in result.fallback_reason
+    assert ws.catalog.get_fragment(k2).status == "evicted"
 
 
 def test_the_knobs_recorded_in_the_row_make_the_same_key(library):
@@ -258,6 +265,9 @@ def test_fragments_pin_unpin_gc_and_ls(library):
     assert f"evicted {k2}" in out and f"evicted {k3}" in out
     assert f"library: {total} B before, {size(ws, k1)} B after" in out
     assert ws.catalog.get_fragment(k1).status == "ready"
+    code, out, err = run_cli("fragments", "show", k2)  # a tombstone: row and lineage only
+    assert code == 0 and "evicted" in out and "lineage:" in out, err
+    assert ws.catalog.get_fragment(k2).status == "evicted"  # reading it did not mark it corrupt
 
     code, _, _ = run_cli("fragments", "unpin", k1)
     assert code == 0 and not ws.catalog.get_fragment(k1).pinned
