@@ -8,6 +8,8 @@ one batch and prints one JSON object:
 * ``rss_held_bytes``: resident set size after that batch minus the RSS before the model was
   loaded (Python, torch and diffusers already imported): what the pipeline holds — weights,
   the other components, allocator caches;
+* ``rss_held_trimmed_bytes``: the same after glibc's ``malloc_trim`` gave the freed heap
+  pages back: what live objects hold, without the allocator's cache of freed memory;
 * ``rss_peak_bytes``: the process's peak RSS (``VmHWM``) minus the same baseline: loading,
   building the fragment's UNet and the batch;
 * ``unet_bytes``: parameter and buffer bytes of the UNet it generated with;
@@ -106,6 +108,7 @@ def probe(
     import torch
     import transformers
 
+    from fragjobs.builtin.streaming import release_freed_heap
     from fragjobs.generation.generate import generate_images
     from fragjobs.generation.memory import peak_rss_bytes, process_rss_bytes, weight_bytes
 
@@ -135,6 +138,8 @@ def probe(
         generate_images(run_pipe, prompt, list(range(batch_size)), gen)
     batch_peak = torch.cuda.max_memory_allocated() if cuda else None
     gc.collect()
+    held = process_rss_bytes() - baseline
+    release_freed_heap()
     return {
         "model": model,
         "fragment": None if fragment_dir is None else str(fragment_dir),
@@ -142,7 +147,8 @@ def probe(
         "steps": gen.steps,
         "size": gen.height,
         "batch_size": batch_size,
-        "rss_held_bytes": process_rss_bytes() - baseline,
+        "rss_held_bytes": held,
+        "rss_held_trimmed_bytes": process_rss_bytes() - baseline,
         "rss_peak_bytes": peak_rss_bytes() - baseline,
         "unet_bytes": weight_bytes(pipe.unet),
         "cuda_max_allocated_bytes": None if not cuda else max(whole_process, batch_peak),

@@ -63,8 +63,10 @@ def _images(pipe, unet, steps=4) -> torch.Tensor:
     pipe.unet = unet
     try:
         side = 64
-        gen = GenerationConfig(steps=steps, guidance_scale=6.0, height=side, width=side)
-        return generate_images(pipe, PROMPT, [3, 4], gen)
+        gen = GenerationConfig(
+            steps=steps, guidance_scale=6.0, height=side, width=side, batch_size=1
+        )
+        return generate_images(pipe, PROMPT, [3], gen)
     finally:
         pipe.unet = saved
 
@@ -163,7 +165,7 @@ def test_layerwise_casting_stores_float_weights_in_the_storage_dtype(base_and_fr
     int8 = [t for k, t in cast.pipe.unet.state_dict().items() if k.endswith(".weight_int8")]
     assert int8 and all(t.dtype == torch.int8 for t in int8)
     images = _images(cast.pipe, cast.pipe.unet)
-    assert images.isfinite().all() and images.shape == (2, 3, 64, 64)
+    assert images.isfinite().all() and images.shape == (1, 3, 64, 64)
 
 
 def test_placement_rejects_unknown_offload_types():
@@ -171,3 +173,13 @@ def test_placement_rejects_unknown_offload_types():
 
     with pytest.raises(InvalidInputError, match="group_offload must be one of"):
         UnetPlacement(group_offload="everything")
+
+
+def test_a_builtins_uncached_id_is_computed_by_a_process_of_its_own(base_and_fragment, tmp_path):
+    model, loaded, _, folder = base_and_fragment
+    if model != "tiny-sd":
+        pytest.skip("only a seeded built-in is hashed from its weights")
+    cold = Settings(data_dir=tmp_path / "cold")  # no hash cached: a child process builds it
+    lean = load_fragment_pipeline(model, load_fragment_folder(folder), device="cpu", settings=cold)
+    assert lean.info == loaded.info
+    assert loaded.info.sha256 in (tmp_path / "cold" / "base_hashes.json").read_text()
