@@ -106,7 +106,15 @@ def _store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, sta
     try:
         manifest, data = seal(fragment)
         elapsed_s = time.perf_counter() - started
-        place_fragment(ws, fragment.key, prof_row.prompt, base_model_id, len(data), elapsed_s)
+        place_fragment(
+            ws,
+            fragment.key,
+            prof_row.prompt,
+            base_model_id,
+            len(data),
+            elapsed_s,
+            embedding=manifest.reuse.prompt_embedding,
+        )
         store = store_of(ws, ws.catalog.get_fragment(fragment.key))  # shared or node-local
         stored_file = store.put_bytes(fragment_object(info.name, fragment.key, FRAGMENT_FILE), data)
         manifest_bytes = manifest.to_bytes()

@@ -27,11 +27,14 @@ from fragjobs.chain.stored import node_store, object_of
 from fragjobs.chain.workspaces import Workspace
 from fragjobs.errors import ConfigError, InvalidInputError
 from fragjobs.keys import normalise_prompt
+from fragjobs.library import similarity_index
 
 log = logging.getLogger("fragjobs")
 
 SIMILAR_WORD_OVERLAP = 0.5
-"""Two prompts are similar when their word sets overlap this much (Jaccard), not equal."""
+"""Without an embedding, two prompts are similar when their word sets overlap this much."""
+SIMILAR_LIMIT = 64
+"""The most similar ready fragments whose prompts' jobs count as predicted reuse."""
 
 CAP_LOCK = "library-cap"
 """The write lock that serialises evictions by the cap across processes."""
@@ -149,6 +152,7 @@ def place_fragment(
     base_model_id: int,
     size_bytes: int,
     extraction_s: float,
+    embedding: list[float] | None = None,
 ) -> CacheDecision:
     """Decide where fragment ``key`` goes (``should_cache_fragment``) and record it.
 
@@ -170,12 +174,7 @@ def place_fragment(
         )
     wanted = normalise_prompt(prompt)
     counts = ws.catalog.prompt_job_counts(base_model_id)
-    words = _words(wanted)
-    similar = sum(
-        n
-        for other, n in counts.items()
-        if other != wanted and _overlap(words, _words(other)) >= SIMILAR_WORD_OVERLAP
-    )
+    similar, note = _similar_prompt_jobs(ws, base_model_id, wanted, counts, embedding)
     decision = should_cache_fragment(
         extraction_s=extraction_s,
         size_bytes=size_bytes,
@@ -184,15 +183,51 @@ def place_fragment(
         similar_jobs=similar,
         weights=CacheWeights.from_settings(settings),
         threshold=settings.cache_share_threshold,
-        notes={
-            "similar_reuse": f"jobs of prompts sharing >= {SIMILAR_WORD_OVERLAP:.0%} of their "
-            "words (Jaccard), not text embeddings"
-        },
+        notes={"similar_reuse": note},
     )
     folder = object_of(ws.catalog.get_fragment(key), "")[:-1]
     store = node_store(ws) if decision.placement == "local" else ws.store
     ws.catalog.set_placement(key, decision.placement, decision.to_json(), store.uri(folder))
     return decision
+
+
+def _similar_prompt_jobs(
+    ws: Workspace,
+    base_model_id: int,
+    wanted: str,
+    counts: dict[str, int],
+    embedding: list[float] | None,
+) -> tuple[int, str]:
+    """Jobs of the prompts this fragment would be reused for, and how they were found.
+
+    With the fragment's prompt embedding: the prompts of the ready fragments that the
+    library's similar-prompt lookup would match (:func:`fragjobs.library.similarity_index`,
+    each at or above its own reuse threshold), the way a later similar prompt finds a
+    fragment. Without one: prompts sharing most of their words.
+    """
+    if embedding:
+        index = similarity_index(ws.catalog)
+        index.refresh(base_model_id)
+        prompts = set()
+        for key, _similarity in index.candidates(base_model_id, embedding, limit=SIMILAR_LIMIT):
+            row = ws.catalog.find_fragment(key)
+            if row is not None:
+                prompts.add(normalise_prompt(row.prompt))
+        prompts.discard(wanted)
+        return sum(counts.get(p, 0) for p in prompts), (
+            f"jobs of the prompts of up to {SIMILAR_LIMIT} ready fragments whose prompt "
+            "embedding is at or above their reuse threshold (the similar-prompt lookup)"
+        )
+    words = _words(wanted)
+    similar = sum(
+        n
+        for other, n in counts.items()
+        if other != wanted and _overlap(words, _words(other)) >= SIMILAR_WORD_OVERLAP
+    )
+    return similar, (
+        f"no prompt embedding: jobs of prompts sharing >= {SIMILAR_WORD_OVERLAP:.0%} of their "
+        "words (Jaccard)"
+    )
 
 
 def _overlap(a: set[str], b: set[str]) -> float:

@@ -17,7 +17,7 @@ from fragjobs import chain
 from fragjobs.chain.library_cap import enforce_library_cap, place_fragment
 from fragjobs.chain.maintenance import CAP_EVICTION, remove_fragment
 from fragjobs.chain.rebuild import extraction_config_of
-from fragjobs.chain.stored import node_store, object_of
+from fragjobs.chain.stored import node_store, object_of, read_manifest
 from fragjobs.cli import main
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import ConfigError, InvalidInputError
@@ -216,7 +216,7 @@ def test_a_fragment_scored_below_the_threshold_stays_node_local(library):
     assert set(decision["terms"]) == {"extraction_cost", "size", "popularity", "similar_reuse"}
     assert decision["terms"]["extraction_cost"]["value"] > 0
     assert "no library cap" in decision["terms"]["size"]["note"]
-    assert "not text embeddings" in decision["terms"]["similar_reuse"]["note"]
+    assert "similar-prompt lookup" in decision["terms"]["similar_reuse"]["note"]
     assert ws.catalog.library_bytes() == size(ws, k2) + size(ws, k3)  # not in the library
     result = chain.generate(PROMPTS[0], variants=1, model="tiny-sd", ws=ws, progress=False)
     assert result.fragment_key == k1 and not result.used_fallback  # read from the node
@@ -234,7 +234,7 @@ def test_prompt_popularity_from_the_job_history_shares_a_fragment(library):
 
     terms = decision.terms
     assert terms["popularity"]["value"] == 2 and terms["popularity"]["contribution"] == 0.4
-    assert terms["similar_reuse"]["value"] == 1  # "a red circle!": the same words
+    assert terms["similar_reuse"]["value"] == 1  # no embedding: "a red circle!", same words
     assert terms["size"]["contribution"] == -0.1
     assert decision.score == pytest.approx(0.4 + 0.25 - 0.1)
     assert decision.placement == "local"  # 0.55 < 0.6
@@ -243,6 +243,27 @@ def test_prompt_popularity_from_the_job_history_shares_a_fragment(library):
     decision = place_fragment(ws, k1, row.prompt, row.base_model_id, row.size_bytes, 0.0)
     assert decision.score == pytest.approx(0.5 + 0.25 - 0.1)  # a third job of the prompt
     assert decision.placement == "shared"
+
+
+def test_similar_reuse_counts_the_jobs_of_fragments_the_similar_lookup_would_match(library):
+    """With the fragment's prompt embedding, "similar prompts" are the ones the library's
+    similar-prompt lookup matches (each fragment's own reuse threshold), not shared words."""
+    ws, (k1, k2, k3) = library
+    row, other = ws.catalog.get_fragment(k1), ws.catalog.get_fragment(k2)
+    for n in range(3):
+        ws.catalog.create_job(f"job-b{n}", row.base_model_id, PROMPTS[1], [0], None)
+    ws.catalog.create_job("job-r", row.base_model_id, PROMPTS[0], [0], None)
+    ws.catalog.create_job("job-c", row.base_model_id, "a red circle!", [0], None)
+    as_k2 = read_manifest(ws, other).reuse.prompt_embedding  # k2's prompt, embedded
+    assert as_k2 is not None
+
+    decision = place_fragment(
+        ws, k1, row.prompt, row.base_model_id, row.size_bytes, 0.0, embedding=as_k2
+    )
+
+    assert decision.terms["popularity"]["value"] == 1  # its own prompt's job
+    assert decision.terms["similar_reuse"]["value"] == 3  # k2's prompt; not "a red circle!"
+    assert "similar-prompt lookup" in decision.terms["similar_reuse"]["note"]
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
