@@ -1,8 +1,8 @@
 """The library as a cache at farm scale: lookup columns, pins, placement, job metrics.
 
 ``fragments.prompt_hash`` (sha256 of the normalised prompt) and ``fragments.prompt_embedding``
-(float32 bytes) make exact and similar lookups queries instead of manifest reads (``ix_fragments_changes`` lets
-the similar-prompt index refresh only what changed);
+(float32 bytes) make exact and similar lookups queries instead of manifest reads
+(``ix_fragments_changes`` lets the similar-prompt index refresh only what changed);
 ``pinned`` exempts a fragment from the size cap's eviction; ``placement`` says whether it is
 in the shared library or kept node-local; ``generation_jobs.metrics`` records what a job
 measured and the memory steps it took. Existing fragments get their prompt hash here; their
