@@ -4,6 +4,7 @@ fragment to copy, and the optional services (Redis database, moto S3 server)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -97,6 +98,64 @@ def service_reachable(host: str, port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+PG_SERVER = "postgres@127.0.0.1:5432"
+PG_ADMIN_URL = f"postgresql://{PG_SERVER}/postgres"
+
+
+@functools.cache
+def postgres_unavailable() -> str | None:
+    """Why the PostgreSQL tests cannot run here, or None when they can."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install 'fragjobs[dev]')"
+    try:
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        return f"PostgreSQL server at {PG_ADMIN_URL} is not reachable: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def scratch_postgres_url(prefix: str = "fragjobs_test") -> Iterator[str]:
+    """An empty PostgreSQL database of the caller's own (its SQLAlchemy URL), dropped after;
+    skips the test when the server is not usable."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://{PG_SERVER}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database (no schema) on each backend: a SQLite file, or a PostgreSQL
+    database of the test's own, dropped after."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+        return
+    with scratch_postgres_url() as url:
+        yield url
+
+
+@pytest.fixture
+def backend_catalog(backend_db_url: str) -> Iterator[Any]:
+    """A migrated, empty catalog on each backend (see :func:`backend_db_url`)."""
+    from fragjobs.catalog import Catalog, upgrade_database
+
+    upgrade_database(backend_db_url)
+    with Catalog(backend_db_url) as opened:
+        yield opened
 
 
 @dataclass

@@ -10,21 +10,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import PG_ADMIN_URL, PG_SERVER, postgres_unavailable
 
 from fragjobs.bench.catalog_lookup import embedding_size, prompts
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_SERVER = "postgres@127.0.0.1:5432"
-
-
-def postgres_unavailable() -> str | None:
-    try:
-        import psycopg
-
-        psycopg.connect(f"postgresql://{PG_SERVER}/postgres", connect_timeout=3).close()
-    except Exception as exc:  # noqa: BLE001 - any reason to skip is reported as is
-        return f"PostgreSQL at {PG_SERVER} is not usable: {exc}"
-    return None
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +43,7 @@ def test_bench_fills_postgres_times_both_lookups_and_drops_its_database() -> Non
         assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] <= f["max_ms"]
         assert f["verdict"] == ("PASS" if f["p95_ms"] <= 20.0 else "FAIL")
     assert figures["cold_index_build_ms"] > 0 and figures["similar_scan_only"]["n"] == 100
-    with psycopg.connect(f"postgresql://{PG_SERVER}/postgres") as admin:
+    with psycopg.connect(PG_ADMIN_URL) as admin:
         gone = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
         assert gone.fetchone() is None
 

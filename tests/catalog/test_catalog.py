@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -38,45 +36,14 @@ from fragjobs.errors import (
 )
 from models import FragmentRow, ValidationRow, metadata
 
-PG_SERVER = "postgres@127.0.0.1:5432"
-PG_ADMIN_URL = f"postgresql://{PG_SERVER}/test"
 KEY = "tiny-sd_0123456789abcdef_01234567"
 SHA = "0" * 64
 
 
-@cache
-def postgres_unavailable() -> str | None:
-    """Why the PostgreSQL tests cannot run here, or None when they can."""
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'fragjobs[dev]')"
-    try:
-        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        return f"PostgreSQL server at {PG_ADMIN_URL} is not reachable: {exc}"
-    return None
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database (no schema) on each backend; a PostgreSQL one is dropped after."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'catalog.db'}"
-        return
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    import psycopg
-
-    name = f"fragjobs_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://{PG_SERVER}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.fixture
+def db_url(backend_db_url: str) -> str:
+    """An empty database (no schema) on each backend (``backend_db_url`` in conftest)."""
+    return backend_db_url
 
 
 @pytest.fixture

@@ -3,57 +3,18 @@ each on SQLite and on the real PostgreSQL server."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from fragjobs.catalog import Catalog, upgrade_database
+from fragjobs.catalog import Catalog
 from fragjobs.errors import InvalidInputError, NotFoundError
 
-PG_SERVER = "postgres@127.0.0.1:5432"
-PG_ADMIN_URL = f"postgresql://{PG_SERVER}/test"
 SHA = "0" * 64
 
 
-def _postgres_unavailable() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'fragjobs[dev]')"
-    try:
-        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        return f"PostgreSQL server at {PG_ADMIN_URL} is not reachable: {exc}"
-    return None
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
-    """A migrated, empty catalog on each backend; the PostgreSQL database is dropped after."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'catalog.db'}"
-        upgrade_database(url)
-        with Catalog(url) as opened:
-            yield opened
-        return
-    reason = _postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    import psycopg
-
-    name = f"fragjobs_cache_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = f"postgresql+psycopg://{PG_SERVER}/{name}"
-        upgrade_database(url)
-        with Catalog(url) as opened:
-            yield opened
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.fixture
+def catalog(backend_catalog: Catalog) -> Catalog:
+    """A migrated, empty catalog on each backend (``backend_catalog`` in conftest)."""
+    return backend_catalog
 
 
 def add_ready(catalog: Catalog, key: str, size: int, prompt: str = "a red cube") -> None:

@@ -5,17 +5,13 @@ from the catalog's columns, none from a manifest."""
 from __future__ import annotations
 
 import struct
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy import update
 
-from fragjobs.catalog import Catalog, upgrade_database
+from fragjobs.catalog import Catalog
 from fragjobs.catalog.lookup import REUSE_THRESHOLD_PARAM
 from fragjobs.errors import InvalidInputError, NotFoundError
 from fragjobs.keys import make_fragment_key, prompt_hash
@@ -23,50 +19,13 @@ from fragjobs.library import lookup_prompt, lookup_similar, similarity_index
 from fragjobs.library_index import SimilarityIndex
 from models import FragmentRow
 
-PG_SERVER = "postgres@127.0.0.1:5432"
-PG_ADMIN_URL = f"postgresql://{PG_SERVER}/postgres"
 DIM = 8
 
 
-@cache
-def postgres_unavailable() -> str | None:
-    """Why the PostgreSQL tests cannot run here, or None when they can."""
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'fragjobs[dev]')"
-    try:
-        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        return f"PostgreSQL server at {PG_ADMIN_URL} is not reachable: {exc}"
-    return None
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
-    """A migrated, empty catalog on each backend; a PostgreSQL database is dropped after."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'catalog.db'}"
-        upgrade_database(url)
-        with Catalog(url) as opened:
-            yield opened
-        return
-    reason = postgres_unavailable()
-    if reason:
-        pytest.skip(reason)
-    import psycopg
-
-    name = f"fragjobs_test_lookup_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = f"postgresql+psycopg://{PG_SERVER}/{name}"
-        upgrade_database(url)
-        with Catalog(url) as opened:
-            yield opened
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.fixture
+def catalog(backend_catalog: Catalog) -> Catalog:
+    """A migrated, empty catalog on each backend (``backend_catalog`` in conftest)."""
+    return backend_catalog
 
 
 def unit(*values: float) -> list[float]:
