@@ -13,8 +13,6 @@ the random stream, and so every tensor, is the one the plain build makes.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +22,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from fragjobs.errors import FragjobsError
+from fragjobs.generation.memory import release_freed_heap
 
 Selection = tuple[int, torch.Tensor] | None
 """Which part of a tensor to keep: ``None`` all of it, ``(dim, index)`` those rows/columns."""
@@ -119,20 +118,6 @@ def build_keeping(
         raise FragjobsError(_DIVERGED + (f" (never made: {missing[:3]})" if missing else ""))
     release_freed_heap()
     return pipe, kept
-
-
-def release_freed_heap() -> None:
-    """Give the heap pages freed by the build back to the system (glibc's ``malloc_trim``).
-
-    The build allocates and frees the whole UNet one module at a time; glibc serves tensors
-    below its mmap threshold from the heap and keeps the freed pages (measured on sd15-shape:
-    about 600 MiB still resident after the build). Elsewhere (no glibc) nothing to do.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator decides when to return memory
 
 
 _DIVERGED = (

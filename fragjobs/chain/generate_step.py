@@ -24,6 +24,7 @@ from fragjobs.chain.validate_step import generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import FragmentError, GateFailedError, InvalidInputError, NotFoundError
 from fragjobs.generation import BudgetedGeneration, GenerationConfig, check_budget_mb, with_unet
+from fragjobs.generation.memory import release_freed_heap
 from fragjobs.keys import (
     check_int,
     check_seeds,
@@ -191,6 +192,7 @@ def generate(
     )
     if used_key is not None:
         ws.catalog.mark_fragment_used(used_key)
+    release_freed_heap()  # what a node holds between jobs is what its models hold
     stacked = torch.stack([images[s] for s in seeds if s in images]) if images else torch.empty(0)
     return GenerationResult(
         job_id,

@@ -9,7 +9,9 @@ one batch and prints one JSON object:
   loaded (Python, torch and diffusers already imported): what the pipeline holds — weights,
   the other components, allocator caches;
 * ``rss_held_trimmed_bytes``: the same after glibc's ``malloc_trim`` gave the freed heap
-  pages back: what live objects hold, without the allocator's cache of freed memory;
+  pages back: what live objects hold, without the allocator's cache of freed memory — what a
+  node holds between jobs, since the chain's generate step trims after every job
+  (:func:`fragjobs.generation.memory.release_freed_heap`);
 * ``rss_peak_bytes``: the process's peak RSS (``VmHWM``) minus the same baseline: loading,
   building the fragment's UNet and the batch;
 * ``unet_bytes``: parameter and buffer bytes of the UNet it generated with;
@@ -108,9 +110,13 @@ def probe(
     import torch
     import transformers
 
-    from fragjobs.builtin.streaming import release_freed_heap
     from fragjobs.generation.generate import generate_images
-    from fragjobs.generation.memory import peak_rss_bytes, process_rss_bytes, weight_bytes
+    from fragjobs.generation.memory import (
+        peak_rss_bytes,
+        process_rss_bytes,
+        release_freed_heap,
+        weight_bytes,
+    )
 
     # diffusers and transformers import lazily: load the classes a pipeline uses first, so that
     # the baseline holds the libraries' code and the figures only the model.
