@@ -245,6 +245,7 @@ def generate_message(
         ),
         "fragment_source": source,
         "warm_cache": fetched,
+        "memory": result.metrics,
     }
 
 

@@ -46,7 +46,7 @@ def measure_reuse(
         full = generate_images(loaded.pipe, text, seeds, gen)
         frag = generate_images(frag_pipe, text, seeds, gen)
         metrics = quality(ws, loaded, full, frag, text)
-        gate = evaluate_gate(metrics, thresholds)
+        gate = evaluate_gate(metrics, thresholds, seeds)
         embedding = prompt_embedding(loaded.pipe, text)
         similarity = float(own @ embedding) if own.shape == embedding.shape else None
         rows.append(

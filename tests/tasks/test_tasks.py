@@ -440,6 +440,9 @@ def test_generate_says_where_the_fragment_came_from(tasks, ready_ws, ready_fragm
     # A local store is read directly (no node cache); the second batch finds the UNet built.
     assert (first["fragment_source"], second["fragment_source"]) == ("store", "memory")
     assert first["warm_cache"] == {"hits": 0, "misses": 0, "fetched_bytes": 0}
+    # What the memory manager did travels with the result (and is on the job row).
+    assert first["memory"]["batch_size_used"] >= 1 and first["memory"]["oom_events"] == []
+    assert first["memory"] == chain.workspace().catalog.get_job("job-w1").metrics
     assert chain.warm_fragment_keys() == [key]
     assert "worker" in first  # the hostname; None when run eagerly
 
