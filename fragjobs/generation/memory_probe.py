@@ -144,7 +144,10 @@ def probe(
         generate_images(run_pipe, prompt, list(range(batch_size)), gen)
     batch_peak = torch.cuda.max_memory_allocated() if cuda else None
     gc.collect()
-    held = process_rss_bytes() - baseline
+    held_rss = process_rss_bytes()
+    # The kernel updates VmHWM from RSS counters it syncs lazily (per thread, every so many
+    # page faults), so it can trail the RSS just read by a few hundred KiB.
+    peak = max(peak_rss_bytes(), held_rss)
     release_freed_heap()
     return {
         "model": model,
@@ -153,9 +156,9 @@ def probe(
         "steps": gen.steps,
         "size": gen.height,
         "batch_size": batch_size,
-        "rss_held_bytes": held,
+        "rss_held_bytes": held_rss - baseline,
         "rss_held_trimmed_bytes": process_rss_bytes() - baseline,
-        "rss_peak_bytes": peak_rss_bytes() - baseline,
+        "rss_peak_bytes": peak - baseline,
         "unet_bytes": weight_bytes(pipe.unet),
         "cuda_max_allocated_bytes": None if not cuda else max(whole_process, batch_peak),
         "cuda_batch_max_allocated_bytes": batch_peak,
