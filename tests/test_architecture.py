@@ -35,6 +35,7 @@ DOMAIN = (
     "fragjobs.library",
     "fragjobs.library_index",
     "fragjobs.base_store",
+    "fragjobs.base_cache",
     "fragjobs.reports",
 )
 FARM_LIBRARIES = ("celery", "kombu", "redis")

@@ -2,14 +2,15 @@
 
 A base is named by a built-in name, a folder, a hub id, or ``store:<sha256>`` — a base added
 to the shared store (``fragjobs models add``), fetched into this node's cache
-(:class:`fragjobs.base_store.BaseCache`) and loaded from there. A step that reloads the base
+(:class:`fragjobs.base_cache.BaseCache`) and loaded from there. A step that reloads the base
 of a catalog row (:func:`base_of`) checks the loaded sha256 against the row's.
 """
 
 from __future__ import annotations
 
+from fragjobs.base_cache import BaseCache
 from fragjobs.base_models import LoadedBase, load_base, model_source
-from fragjobs.base_store import BaseCache, open_settings_store, stored_sha256
+from fragjobs.base_store import open_settings_store, stored_sha256
 from fragjobs.catalog import BaseModelEntity
 from fragjobs.chain.state import STATE, WARM_BASES
 from fragjobs.config import Settings, get_settings

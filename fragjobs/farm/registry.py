@@ -12,7 +12,7 @@ is no registry and every batch goes to the shared queue. Redis is imported lazil
 
 Base models the same way: ``fragjobs:bases:<hostname>`` → ``{"queue", "loaded", "cached",
 "updated_at"}``, the sha256s of the bases the worker's pool process holds loaded and of those
-its node holds in its base cache (:class:`fragjobs.base_store.BaseCache`), rewritten after
+its node holds in its base cache (:class:`fragjobs.base_cache.BaseCache`), rewritten after
 every chain task and deleted with the fragment advertisement. Routing prefers their holders
 after the fragment's, and ``fragjobs models ls`` shows them.
 """

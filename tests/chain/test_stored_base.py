@@ -10,7 +10,8 @@ import torch
 from conftest import S3_REGION
 
 from fragjobs import chain
-from fragjobs.base_store import BaseCache, add_base, store_source
+from fragjobs.base_cache import BaseCache
+from fragjobs.base_store import add_base, store_source
 from fragjobs.chain.bases import held_bases
 from fragjobs.config import get_settings
 from fragjobs.errors import BaseModelMismatchError

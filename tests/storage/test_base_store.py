@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import AWS_TEST_ENV, S3_REGION
 
+from fragjobs.base_cache import BaseCache
 from fragjobs.base_models import hash_weight_files
 from fragjobs.base_store import (
-    BaseCache,
     add_base,
     base_object,
     check_stored,
