@@ -23,19 +23,15 @@ from fragjobs.base_store import (
     BaseIndex,
     base_object,
     check_sha256,
-    stored_index,
+    required_index,
 )
-from fragjobs.errors import IntegrityError, InvalidInputError, ObjectNotFoundError, StorageError
+from fragjobs.errors import IntegrityError, InvalidInputError, StorageError
 from fragjobs.keys import check_int
+from fragjobs.storage.warm_cache import exclusive_file_lock
 
 if TYPE_CHECKING:
     from fragjobs.config import Settings
     from fragjobs.storage import ObjectStore
-
-try:
-    import fcntl
-except ImportError:  # Windows: entries stay consistent, concurrent misses may fetch twice
-    fcntl = None
 
 log = logging.getLogger("fragjobs")
 
@@ -133,13 +129,7 @@ class BaseCache:
         return pipeline
 
     def _fetch(self, store: ObjectStore, sha256: str) -> Path:
-        try:
-            index = stored_index(store, sha256)
-        except ObjectNotFoundError:
-            raise ObjectNotFoundError(
-                f"base {sha256[:12]}… is not in the store {store.url}: run fragjobs models add "
-                "with its folder"
-            ) from None
+        index = required_index(store, sha256)
         if index.size > self.max_bytes:
             raise StorageError(
                 f"base {index.name} is {index.size} bytes, more than this node's cache holds "
@@ -203,24 +193,8 @@ class BaseCache:
             _remove(self.folder / sha256)
             total -= index.size
 
-    @contextlib.contextmanager
-    def _lock(self, sha256: str) -> Iterator[None]:
-        if fcntl is None:
-            yield
-            return
-        lock_path = self.folder / _LOCKS_FOLDER / f"{sha256}.lock"
-        try:
-            handle = lock_path.open("ab")
-        except OSError as exc:
-            raise StorageError(f"cannot open the base cache lock {lock_path}: {exc}") from exc
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot lock {lock_path} ({exc}); keep the cache on a local disk"
-                ) from exc
-            yield
+    def _lock(self, sha256: str) -> contextlib.AbstractContextManager[None]:
+        return exclusive_file_lock(self.folder / _LOCKS_FOLDER / f"{sha256}.lock", "base cache")
 
 
 def _remove(path: Path) -> None:

@@ -279,6 +279,17 @@ def stored_index(store: ObjectStore, sha256: str) -> BaseIndex:
     return BaseIndex.from_json(store.get_bytes(index_object(sha256)), sha256)
 
 
+def required_index(store: ObjectStore, sha256: str) -> BaseIndex:
+    """The index of stored base ``sha256``; ObjectNotFoundError saying what to do if absent."""
+    try:
+        return stored_index(store, sha256)
+    except ObjectNotFoundError:
+        raise ObjectNotFoundError(
+            f"base {sha256[:12]}… is not in the store {store.url}: run fragjobs models add "
+            "with its folder"
+        ) from None
+
+
 def check_stored(store: ObjectStore, sha256: str) -> BaseIndex:
     """The index of stored base ``sha256`` once every one of its objects is found in the store.
 
@@ -286,13 +297,7 @@ def check_stored(store: ObjectStore, sha256: str) -> BaseIndex:
         ObjectNotFoundError: the index or one of the files is missing (the message says
             which and what to do).
     """
-    try:
-        index = stored_index(store, sha256)
-    except ObjectNotFoundError:
-        raise ObjectNotFoundError(
-            f"base {sha256[:12]}… is not in the store {store.url}: run fragjobs models add "
-            "with its folder"
-        ) from None
+    index = required_index(store, sha256)
     missing = [f.path for f in index.files if not store.exists(base_object(sha256, f.path))]
     if missing:
         raise ObjectNotFoundError(

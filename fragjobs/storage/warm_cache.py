@@ -203,25 +203,32 @@ class WarmCache:
                 raise StorageError(f"cannot evict {file_name} from {self.folder}: {exc}") from exc
             total -= size
 
-    @contextlib.contextmanager
-    def _fetch_lock(self, path: Path) -> Iterator[None]:
+    def _fetch_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
         """Hold the lock of ``path``'s stripe; 256 stripes keep the lock files bounded."""
-        if fcntl is None:
-            yield
-            return
-        lock_path = self.folder / _LOCKS_FOLDER / f"{path.name[:2]}.lock"
+        return exclusive_file_lock(
+            self.folder / _LOCKS_FOLDER / f"{path.name[:2]}.lock", "warm cache"
+        )
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) across processes of a
+    node; without ``fcntl`` (Windows) nothing is locked. ``what`` names the cache in errors."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        handle = lock_path.open("ab")
+    except OSError as exc:
+        raise StorageError(f"cannot open the {what} lock {lock_path}: {exc}") from exc
+    with handle:
         try:
-            handle = lock_path.open("ab")
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
         except OSError as exc:
-            raise StorageError(f"cannot open the warm cache lock {lock_path}: {exc}") from exc
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot lock {lock_path} ({exc}); keep the warm cache on a local disk"
-                ) from exc
-            yield
+            raise StorageError(
+                f"cannot lock {lock_path} ({exc}); keep the {what} on a local disk"
+            ) from exc
+        yield
 
 
 def _touch(path: Path) -> None:
