@@ -12,7 +12,8 @@ import json
 import subprocess
 import sys
 
-from fragjobs.doctor.checks import Check, exit_status, farm_configured, run_checks
+from fragjobs.doctor.checks import run_checks
+from fragjobs.doctor.outcome import Check, exit_status, farm_configured
 
 DOCTOR_MODULE = "fragjobs.doctor"
 SUBPROCESS_TIMEOUT_S = 600.0

@@ -17,7 +17,7 @@ from conftest import service_reachable
 
 from fragjobs.cli import main
 from fragjobs.config import Settings, get_settings
-from fragjobs.doctor import FAIL, OK, WARN, checks, farm_configured
+from fragjobs.doctor import FAIL, OK, WARN, checks, farm_configured, services
 from fragjobs.doctor.estimates import MAX_BATCH, ModelFootprint, footprint
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -128,12 +128,12 @@ def test_a_postgres_catalog_not_upgraded_fails_with_the_command(postgres_url):
     from fragjobs.catalog import upgrade_database
 
     settings = Settings(database_url=postgres_url)
-    check = checks.check_database(settings)
+    check = services.check_database(settings)
     assert check.status == FAIL and check.needed
     assert "has no fragjobs schema" in check.detail
     assert check.fix == "run: fragjobs db upgrade"
     upgrade_database(postgres_url)
-    check = checks.check_database(settings)
+    check = services.check_database(settings)
     assert check.status == OK and "at schema" in check.detail
 
 
@@ -142,16 +142,16 @@ def test_an_unreachable_database_fails_fast(server):
     with _silent_server() as silent:
         port = _closed_port() if server == "closed" else silent
         started = time.monotonic()
-        check = checks.check_database(
+        check = services.check_database(
             Settings(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")
         )
     assert check.status == FAIL and check.needed
-    assert time.monotonic() - started < checks.CONNECT_TIMEOUT_S + 3
+    assert time.monotonic() - started < services.CONNECT_TIMEOUT_S + 3
     assert "unreachable" in check.detail
 
 
 def test_an_embedded_catalog_not_created_yet_is_fine(settings):
-    check = checks.check_database(settings)
+    check = services.check_database(settings)
     assert check.status == OK and "not created yet" in check.detail
     assert not (settings.data_dir / "catalog.db").exists()  # the doctor does not create it
 
@@ -161,7 +161,7 @@ def test_an_embedded_catalog_not_created_yet_is_fine(settings):
 
 def test_an_s3_store_is_probed_and_left_as_it_was(moto_endpoint, s3_bucket, s3_admin):
     settings = Settings(storage_url=f"s3://{s3_bucket}/farm", s3_endpoint_url=moto_endpoint)
-    check = checks.check_store(settings)
+    check = services.check_store(settings)
     assert check.status == OK, check.detail
     assert "sha256 checked, deleted" in check.detail
     assert s3_admin.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
@@ -171,7 +171,7 @@ def test_a_missing_bucket_fails(moto_endpoint, aws_env):
     settings = Settings(
         storage_url=f"s3://no-such-{uuid.uuid4().hex[:12]}/farm", s3_endpoint_url=moto_endpoint
     )
-    check = checks.check_store(settings)
+    check = services.check_store(settings)
     assert check.status == FAIL and check.needed
     assert "bucket" in check.detail and "never creates buckets" in check.fix
 
@@ -179,7 +179,7 @@ def test_a_missing_bucket_fails(moto_endpoint, aws_env):
 def test_an_unwritable_store_folder_fails(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    check = checks.check_store(Settings(storage_url=(blocker / "store").as_uri()))
+    check = services.check_store(Settings(storage_url=(blocker / "store").as_uri()))
     assert check.status == FAIL and "FRAGJOBS_STORAGE_URL" in check.fix
 
 
@@ -187,21 +187,21 @@ def test_an_unwritable_store_folder_fails(tmp_path):
 
 
 def test_a_live_broker_answers(redis_db):
-    check = checks.check_broker(Settings(broker_url=redis_db.url))
+    check = services.check_broker(Settings(broker_url=redis_db.url))
     assert check.status == OK and "Redis" in check.detail
 
 
 def test_a_silent_broker_fails_within_the_connect_timeout():
     with _silent_server() as port:
         started = time.monotonic()
-        check = checks.check_broker(Settings(broker_url=f"redis://127.0.0.1:{port}/0"))
+        check = services.check_broker(Settings(broker_url=f"redis://127.0.0.1:{port}/0"))
     assert check.status == FAIL
-    assert time.monotonic() - started < 2 * checks.CONNECT_TIMEOUT_S + 2
+    assert time.monotonic() - started < 2 * services.CONNECT_TIMEOUT_S + 2
 
 
 def test_placeholder_farm_secrets_fail(monkeypatch):
     monkeypatch.setenv("FRAGJOBS_BROKER_URL", "redis://:change-me-now@127.0.0.1:6379/0")
-    check = checks.check_farm_settings(Settings())
+    check = services.check_farm_settings(Settings())
     assert check.status == FAIL and "placeholder" in check.detail
 
 
