@@ -1,7 +1,9 @@
 """Load a diffusers text-to-image pipeline and give it an identity.
 
-A base model is named by a built-in name (``tiny-sd``, ``sd15-shape``), a local diffusers
-folder (one with ``model_index.json``) or a hub id (only when the hub is reachable). Its id is
+A base model is named by a built-in name (``tiny-sd``, ``sd15-shape``, ``tiny-sdxl``, …), a
+local diffusers folder (one with ``model_index.json``) or a hub id (only when the hub is
+reachable), of a supported pipeline class (:mod:`fragjobs.pipeline_families`: SD 1.x/2.x and
+SDXL; any other class is refused before its weights are read). Its id is
 a sha256 over its weights plus its name (DESIGN §3):
 
 * a folder: every weight file (``*.safetensors``, ``*.bin``, ``*.ckpt``), sorted by relative
@@ -30,6 +32,7 @@ from fragjobs.builtin.configs import verify_shipped_weights
 from fragjobs.builtin.streaming import Selection, build_keeping, unet_layout
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
+from fragjobs.pipeline_families import family_of, family_of_class
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -300,6 +303,7 @@ def _load_folder(
             f"{folder} is not a diffusers pipeline folder (no model_index.json). "
             + _unknown_message(str(folder), settings)
         )
+    _check_pipeline_class(folder)
     try:
         if unet is None:
             pipe = DiffusionPipeline.from_pretrained(
@@ -466,6 +470,15 @@ def _builtin_info(model: str, sha: str) -> BaseModelInfo:
     )
 
 
+def _check_pipeline_class(folder: Path) -> None:
+    """Refuse a folder of an unsupported pipeline class before any weight is read."""
+    try:
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UnknownModelError(f"{folder}/model_index.json is unreadable: {exc}") from exc
+    family_of_class(class_name, str(folder))
+
+
 def _require_unet(pipe: Any, name: str) -> None:
     if getattr(pipe, "unet", None) is None:
         raise UnknownModelError(f"{name} is not a UNet text-to-image pipeline (SD 1.x/2.x/XL)")
@@ -488,22 +501,24 @@ def _diffusers_version() -> str:
 def prompt_embedding(pipe: Any, prompt: str) -> torch.Tensor:
     """The model's own text embedding of ``prompt`` (pooled, L2-normalised, float32, CPU).
 
-    Used to find a fragment made for a similar prompt (``cosine_clip_text``).
+    Used to find a fragment made for a similar prompt (``cosine_clip_text``) and to say how
+    close a paraphrase is. Which encoder gives it is the pipeline family's choice
+    (:mod:`fragjobs.pipeline_families`): SD's text encoder, SDXL's second (projected) one.
     """
-    tokens = pipe.tokenizer(
+    family = family_of(pipe)
+    tokenizer = getattr(pipe, family.pooled_tokenizer)
+    encoder = getattr(pipe, family.pooled_encoder)
+    tokens = tokenizer(
         prompt,
         padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
+        max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
-    encoder = pipe.text_encoder
     output = encoder(tokens.input_ids.to(encoder.device))
-    pooled = (
-        output.pooler_output
-        if getattr(output, "pooler_output", None) is not None
-        else (output.last_hidden_state.mean(1))
-    )
+    pooled = getattr(output, family.pooled_output, None)
+    if pooled is None:
+        pooled = output.last_hidden_state.mean(1)
     pooled = pooled[0].float().cpu()
     return pooled / pooled.norm().clamp_min(1e-12)
 

@@ -14,9 +14,14 @@
     random weights, for timing. The text encoder and VAE are small stand-ins with the right
     interfaces (768-d context, 4-channel latents, 8× down-sampling) because fragjobs edits only
     the UNet and a full-size VAE would only dilute the measured ratios.
+``tiny-sdxl``, ``sdxl-shape``
+    The same two roles for the SDXL architecture (``StableDiffusionXLPipeline``: two text
+    encoders, added time/text conditioning, three UNet levels with several transformer layers
+    per block), built in :mod:`fragjobs.builtin.sdxl`.
 
-Both are deterministic across processes: each component is initialised under its own fixed
-seed inside ``torch.random.fork_rng`` so the caller's RNG state is untouched.
+The seeded ones are deterministic across processes: each component is initialised under its
+own fixed seed inside ``torch.random.fork_rng`` (:mod:`fragjobs.builtin.seeded`), so the
+caller's RNG state is untouched.
 """
 
 from __future__ import annotations
@@ -27,16 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import (
     AutoencoderKL,
-    DPMSolverMultistepScheduler,
+    DiffusionPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from fragjobs.builtin.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer
+from fragjobs.builtin.sdxl import build_sdxl_shape, build_tiny_sdxl
+from fragjobs.builtin.seeded import scheduler, seeded, text_encoder
+from fragjobs.builtin.tokenizer import build_byte_tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class BuiltinSpec:
 
     name: str
     description: str
-    build: Callable[[], StableDiffusionPipeline]
+    build: Callable[[], DiffusionPipeline]
     height: int
     width: int
     default_steps: int
@@ -54,46 +59,13 @@ class BuiltinSpec:
     clip_folder: Path | None = None  # matching CLIPModel for CLIP-score
 
 
-def _seeded(seed: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = factory()
-    return module.eval()
-
-
-def _text_encoder(hidden: int, layers: int, heads: int, seed: int) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 4,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=77,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        projection_dim=hidden,
-    )
-    return _seeded(seed, lambda: CLIPTextModel(config))
-
-
-def _scheduler() -> DPMSolverMultistepScheduler:
-    return DPMSolverMultistepScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-    )
-
-
-def _assemble(unet, vae, text_encoder) -> StableDiffusionPipeline:
+def _assemble(unet, vae, encoder) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=encoder,
         tokenizer=build_byte_tokenizer(),
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -102,7 +74,7 @@ def _assemble(unet, vae, text_encoder) -> StableDiffusionPipeline:
 
 def build_tiny_sd() -> StableDiffusionPipeline:
     """The ``tiny-sd`` pipeline (about 2 M parameters)."""
-    unet = _seeded(
+    unet = seeded(
         1,
         lambda: UNet2DConditionModel(
             sample_size=32,
@@ -117,7 +89,7 @@ def build_tiny_sd() -> StableDiffusionPipeline:
             norm_num_groups=8,
         ),
     )
-    vae = _seeded(
+    vae = seeded(
         2,
         lambda: AutoencoderKL(
             block_out_channels=(16, 32),
@@ -130,21 +102,16 @@ def build_tiny_sd() -> StableDiffusionPipeline:
             sample_size=64,
         ),
     )
-    return _assemble(unet, vae, _text_encoder(64, 2, 4, seed=3))
+    return _assemble(unet, vae, text_encoder(64, 2, 4, seed=3))
 
 
 def build_sd15_shape() -> StableDiffusionPipeline:
-    """The ``shapes`` (the default)
-        A small model trained here on procedural scenes (``fragjobs.builtin.scenes``, recipe in
-        ``fragjobs.builtin.train``), shipped as a diffusers folder with its matching tiny CLIP;
-        its files are checked against ``shapes/weights.sha256.json`` before loading. Quality
-        figures on it mean something. See ``shapes/MODEL_CARD.md``.
-    ``sd15-shape`` pipeline: SD 1.5's UNet shape, small text encoder and VAE."""
-    unet = _seeded(
+    """The ``sd15-shape`` pipeline: SD 1.5's UNet shape, small text encoder and VAE."""
+    unet = seeded(
         11,
         lambda: UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
     )
-    vae = _seeded(
+    vae = seeded(
         12,
         lambda: AutoencoderKL(
             block_out_channels=(16, 32, 32, 32),
@@ -156,7 +123,7 @@ def build_sd15_shape() -> StableDiffusionPipeline:
             sample_size=512,
         ),
     )
-    return _assemble(unet, vae, _text_encoder(768, 1, 12, seed=13))
+    return _assemble(unet, vae, text_encoder(768, 1, 12, seed=13))
 
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
@@ -208,6 +175,22 @@ BUILTINS: dict[str, BuiltinSpec] = {
         build_sd15_shape,
         256,
         256,
+        4,
+    ),
+    "tiny-sdxl": BuiltinSpec(
+        "tiny-sdxl",
+        "SDXL-architecture toy, seeded random weights (tests)",
+        build_tiny_sdxl,
+        64,
+        64,
+        10,
+    ),
+    "sdxl-shape": BuiltinSpec(
+        "sdxl-shape",
+        "SDXL UNet and text-encoder shapes, random weights (timing only)",
+        build_sdxl_shape,
+        512,
+        512,
         4,
     ),
 }

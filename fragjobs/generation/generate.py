@@ -6,6 +6,7 @@ same image whatever batch it falls in (up to float rounding of batched kernels).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,13 +36,15 @@ class GenerationConfig:
 
 
 def with_unet(pipe: Any, unet: torch.nn.Module) -> Any:
-    """A pipeline of the same class sharing every component but ``unet``."""
-    components = {**pipe.components, "unet": unet}
-    new = type(pipe)(**components)
+    """A pipeline of the same class sharing every component but ``unet``.
+
+    A shallow copy, so whatever the pipeline's class keeps besides its components comes
+    along unchanged (SDXL's ``force_zeros_for_empty_prompt`` and watermarker, the base's
+    identity); only the copy's ``unet`` (and its config entry) is replaced.
+    """
+    new = copy.copy(pipe)
+    new.unet = unet
     new.set_progress_bar_config(disable=True)
-    for attr in ("_fragjobs_base",):
-        if hasattr(pipe, attr):
-            setattr(new, attr, getattr(pipe, attr))
     return new
 
 
