@@ -27,12 +27,31 @@ from fragjobs.profiling import attention_modules
 GEN = GenerationConfig(steps=4, guidance_scale=7.5, height=64, width=64, batch_size=2)
 
 
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
+def any_tiny_pipe(request, tiny_pipe):
+    """Each UNet family's tiny pipeline: tiny-sd, then tiny-sdxl (added text/time conditioning,
+    several transformer layers per block)."""
+    if request.param == "tiny-sd":
+        return tiny_pipe
+    from fragjobs.builtin.sdxl import build_tiny_sdxl
+
+    pipe = build_tiny_sdxl()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _unet_out(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 32, 32, generator=g)
-    ctx = torch.randn(2, 77, 64, generator=g)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids
+        pooled = unet.config.projection_class_embeddings_input_dim
+        pooled -= 6 * unet.config.addition_time_embed_dim
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)
+        added = {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": time_ids}
     with torch.no_grad():
-        return unet(x, torch.tensor([500]), ctx).sample
+        return unet(x, torch.tensor([500]), ctx, added_cond_kwargs=added).sample
 
 
 def _all_heads(unet) -> HeadPruningConfig:
@@ -41,16 +60,16 @@ def _all_heads(unet) -> HeadPruningConfig:
     )
 
 
-def test_keeping_every_head_reproduces_the_base_images_exactly(tiny_pipe):
-    unet = copy.deepcopy(tiny_pipe.unet)
+def test_keeping_every_head_reproduces_the_base_images_exactly(any_tiny_pipe):
+    unet = copy.deepcopy(any_tiny_pipe.unet)
     apply_head_pruning_(unet, _all_heads(unet))
-    full = generate_images(tiny_pipe, "a dog on a jet ski", [3, 4], GEN)
-    pruned = generate_images(with_unet(tiny_pipe, unet), "a dog on a jet ski", [3, 4], GEN)
+    full = generate_images(any_tiny_pipe, "a dog on a jet ski", [3, 4], GEN)
+    pruned = generate_images(with_unet(any_tiny_pipe, unet), "a dog on a jet ski", [3, 4], GEN)
     assert torch.equal(full, pruned)
 
 
-def test_removing_a_zeroed_head_changes_nothing(tiny_pipe):
-    unet = copy.deepcopy(tiny_pipe.unet)
+def test_removing_a_zeroed_head_changes_nothing(any_tiny_pipe):
+    unet = copy.deepcopy(any_tiny_pipe.unet)
     modules = attention_modules(unet)
     name = sorted(modules)[1]
     attn = modules[name]
@@ -67,8 +86,8 @@ def test_removing_a_zeroed_head_changes_nothing(tiny_pipe):
     assert report["heads_after"] == report["heads_before"] - 1
 
 
-def test_pruning_really_removes_parameters_and_changes_output(tiny_pipe):
-    unet = copy.deepcopy(tiny_pipe.unet)
+def test_pruning_really_removes_parameters_and_changes_output(any_tiny_pipe):
+    unet = copy.deepcopy(any_tiny_pipe.unet)
     before_params = sum(p.numel() for p in unet.parameters())
     keep = {n: (0,) for n in attention_modules(unet)}
     apply_head_pruning_(unet, HeadPruningConfig(keep=keep))
@@ -76,7 +95,7 @@ def test_pruning_really_removes_parameters_and_changes_output(tiny_pipe):
     for attn in attention_modules(unet).values():
         assert attn.heads == 1
         assert attn.to_q.out_features == attn.to_out[0].in_features == attn.inner_dim
-    assert not torch.allclose(_unet_out(unet), _unet_out(tiny_pipe.unet))
+    assert not torch.allclose(_unet_out(unet), _unet_out(any_tiny_pipe.unet))
     with pytest.raises(IrreversibleChangeError, match="reload the base"):
         remove_head_pruning(unet)
 
@@ -131,8 +150,8 @@ def test_int8_error_is_within_its_stated_bound():
     assert bool((error <= bound + 1e-7).all())
 
 
-def test_int8_unet_holds_fewer_bytes_and_stays_close(tiny_pipe):
-    unet = copy.deepcopy(tiny_pipe.unet)
+def test_int8_unet_holds_fewer_bytes_and_stays_close(any_tiny_pipe):
+    unet = copy.deepcopy(any_tiny_pipe.unet)
     plan = plan_int8(unet, Int8Config())
     assert "conv_in" in plan and plan["conv_in"] == "float"
     quantized = {
@@ -144,7 +163,7 @@ def test_int8_unet_holds_fewer_bytes_and_stays_close(tiny_pipe):
     before = weight_bytes(unet)
     apply_int8_(unet, quantized)
     assert weight_bytes(unet) < 0.5 * before
-    full, q = _unet_out(tiny_pipe.unet), _unet_out(unet)
+    full, q = _unet_out(any_tiny_pipe.unet), _unet_out(unet)
     assert (full - q).abs().max() / full.abs().max() < 0.05
 
 
