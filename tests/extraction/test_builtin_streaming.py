@@ -6,26 +6,29 @@ import pytest
 import torch
 
 from fragjobs.builtin.configs import build_tiny_sd
+from fragjobs.builtin.sdxl import build_tiny_sdxl
 from fragjobs.builtin.streaming import build_keeping, unet_layout
 from fragjobs.errors import FragjobsError
 
 
-def test_streamed_build_keeps_exactly_the_plain_builds_tensors():
-    plain = build_tiny_sd()
-    layout = unet_layout(build_tiny_sd)
+@pytest.mark.parametrize("build", [build_tiny_sd, build_tiny_sdxl], ids=["tiny-sd", "tiny-sdxl"])
+def test_streamed_build_keeps_exactly_the_plain_builds_tensors(build):
+    plain = build()
+    layout = unet_layout(build)
     assert all(p.is_meta for p in layout.skeleton.parameters())
     keys = list(plain.unet.state_dict())
     rows = torch.tensor([0, 1, 5])
     assert keys[0] == "conv_in.weight"
     wanted = {keys[1]: None, keys[-1]: None, "conv_in.weight": (0, rows)}
-    pipe, kept = build_keeping(build_tiny_sd, layout, wanted)
+    pipe, kept = build_keeping(build, layout, wanted)
 
     assert set(kept) == set(wanted)
     for key in (keys[1], keys[-1]):
         assert torch.equal(kept[key], plain.unet.state_dict()[key])
     assert torch.equal(kept["conv_in.weight"], plain.unet.conv_in.weight[rows])
     assert all(p.is_meta for p in pipe.unet.parameters())  # nothing else of the UNet kept
-    for name in ("vae", "text_encoder"):  # the other components are built as usual
+    others = [n for n in ("vae", "text_encoder", "text_encoder_2") if hasattr(plain, n)]
+    for name in others:  # the other components are built as usual
         expected = getattr(plain, name).state_dict()
         actual = getattr(pipe, name).state_dict()
         assert all(torch.equal(expected[k], actual[k]) for k in expected)
