@@ -1,0 +1,249 @@
+"""How int8 layers compute: an int8 matmul where the device has a fast one, else float.
+
+A fragment stores int8 weights and per-output-channel scales (:mod:`fragjobs.extraction.int8`);
+this module decides, once per loaded UNet, how those layers run:
+
+- ``"int_mm"``: W8A8 dynamic. Each Linear's input is quantised per token (symmetric int8,
+  one scale per row) on every call and multiplied with the int8 weight by ``torch._int_mm``
+  (int32 accumulation), then rescaled. Outputs differ from the float path (the activations
+  are rounded too). Conv2d layers have no int8 kernel here and run as ``"float"``.
+- ``"float"``: dequantised once (``int8 · scale``, the very values the per-call path
+  computes, so the images are bit-identical) into plain ``nn.Linear`` / ``nn.Conv2d``
+  layers. Fast as the base, but the layers hold float weights: 4 bytes per weight in
+  float32 instead of one (plus a scale per channel).
+- ``"dequantize"``: keep int8 and dequantise on every call (the storage format's own
+  modules): the least memory, 4-15 % slower than float on CPU.
+
+``"auto"`` (the default) picks ``"int_mm"`` only where it is measured faster than float
+(:data:`FAST_INT_MM_DEVICES`), else ``"float"``. On the 2-core AVX2 CPU this was built on,
+``torch._int_mm``, torchao's int8 configs and ``quantize_dynamic`` were all slower than
+float32 (see docs in the report of issue 16), so CPU runs ``"float"``.
+
+Example::
+
+    report = set_int8_execution_(unet, "auto")
+    report.mode                # "float" on CPU
+    int8_execution(unet)       # the same, read back from the UNet
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fragjobs.errors import InvalidInputError
+from fragjobs.extraction.edits import set_submodule
+from fragjobs.extraction.int8 import Int8Conv2d, Int8Linear
+
+log = logging.getLogger(__name__)
+
+INT_MM, FLOAT_ONCE, DEQUANTIZE, AUTO = "int_mm", "float", "dequantize", "auto"
+INT8_EXECUTION_MODES = (INT_MM, FLOAT_ONCE, DEQUANTIZE)
+# Device types on which W8A8 with torch._int_mm was measured faster than float. Empty: on
+# CPU (AVX2, no VNNI) it was 0.2-0.6x of float32; no GPU was lent to measure CUDA.
+FAST_INT_MM_DEVICES: frozenset[str] = frozenset()
+# Activation dtypes the W8A8 path computes in (it rescales the int32 result in that dtype).
+INT_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MODE_ATTR = "_fragjobs_int8_execution"
+
+
+@dataclass(frozen=True)
+class Int8ExecutionReport:
+    """What :func:`set_int8_execution_` did.
+
+    Attributes:
+        mode: the mode used (``"int_mm"``, ``"float"``, ``"dequantize"``), or ``None`` when
+            the UNet holds no int8 layer.
+        requested: the mode asked for (``"auto"`` or a mode).
+        int_mm_layers: layers computing with ``torch._int_mm``.
+        float_layers: layers dequantised once (all of them in ``"float"``; the Conv2d layers
+            in ``"int_mm"``).
+        dequantize_layers: layers dequantising on every call.
+        reason: why this mode, in a sentence (for logs and the benchmark).
+    """
+
+    mode: str | None
+    requested: str
+    int_mm_layers: int = 0
+    float_layers: int = 0
+    dequantize_layers: int = 0
+    reason: str = ""
+
+
+def int_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether ``torch._int_mm`` runs on ``device`` for activations of ``dtype``.
+
+    Tried for real on a small product (the op's shape rules: M > 16, K and N multiples of 8).
+    """
+    if dtype not in INT_MM_DTYPES or not hasattr(torch, "_int_mm"):
+        return False
+    try:
+        a = torch.ones(32, 32, dtype=torch.int8, device=device)
+        return int(torch._int_mm(a, a)[0, 0]) == 32
+    except (RuntimeError, NotImplementedError):  # no kernel here (or no data: meta)
+        return False
+
+
+def choose_int8_execution(device: torch.device | str, dtype: torch.dtype) -> tuple[str, str]:
+    """The mode ``"auto"`` means on ``device`` for ``dtype``, and why."""
+    device = torch.device(device)
+    if device.type not in FAST_INT_MM_DEVICES:
+        return FLOAT_ONCE, f"no int8 matmul measured faster than float on {device.type}"
+    if not int_mm_available(device, dtype):
+        return FLOAT_ONCE, f"torch._int_mm does not run on {device} with {dtype}"
+    return INT_MM, f"torch._int_mm measured faster than float on {device.type}"
+
+
+class Int8MatmulLinear(nn.Module):
+    """A Linear computing ``x @ W`` in int8 (W8A8 dynamic, ``torch._int_mm``).
+
+    Holds the int8 weight transposed (in × out, what ``_int_mm`` takes) and the per-output
+    scale. Inputs whose row count or features do not meet ``_int_mm``'s shape rules
+    (more than 16 rows; features multiples of 8) are computed by dequantising the weight.
+    """
+
+    def __init__(self, layer: Int8Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight_int8_t", layer.weight_int8.t().contiguous())
+        self.register_buffer("weight_scale", layer.weight_scale.float())
+        self.bias = layer.bias
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+        self._shapes_ok = self.in_features % 8 == 0 and self.out_features % 8 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if not self._shapes_ok or rows.shape[0] <= 16:
+            weight = self.weight_int8_t.t().to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+            return F.linear(x, weight, self.bias)
+        out = int8_matmul(rows, self.weight_int8_t, self.weight_scale).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of a 2-D float tensor: ``(int8 rows, float32 scale (rows, 1))``."""
+    rows = x.float()
+    scale = (rows.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+    return torch.round(rows / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def int8_matmul(x: torch.Tensor, weight_int8_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight_int8_t · scale)`` with ``x`` quantised per row; float32 result."""
+    xq, x_scale = quantize_rows(x)
+    return torch._int_mm(xq, weight_int8_t).float() * x_scale * scale[None, :]
+
+
+def set_int8_execution_(unet: nn.Module, mode: str = AUTO) -> Int8ExecutionReport:
+    """Choose how the UNet's int8 layers compute, in place (see the module).
+
+    ``"float"`` and ``"int_mm"`` replace the int8 storage modules; like int8 itself this
+    cannot be undone (reload the fragment to get another mode).
+
+    Args:
+        unet: a UNet whose int8 layers are :class:`~fragjobs.extraction.int8.Int8Linear` /
+            :class:`~fragjobs.extraction.int8.Int8Conv2d` (e.g. a built fragment UNet).
+        mode: ``"auto"``, ``"int_mm"``, ``"float"`` or ``"dequantize"``.
+
+    Returns:
+        What was done; the mode is also kept on ``unet`` (:func:`int8_execution`).
+
+    Raises:
+        InvalidInputError: an unknown mode, ``"int_mm"`` on a device/dtype where
+            ``torch._int_mm`` does not run, or layers already set to another mode.
+    """
+    if mode not in (AUTO, *INT8_EXECUTION_MODES):
+        raise InvalidInputError(
+            f"int8 execution must be one of {(AUTO, *INT8_EXECUTION_MODES)}, got {mode!r}"
+        )
+    layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, Int8Linear | Int8Conv2d)]
+    previous = int8_execution(unet)
+    if not layers:
+        if previous is not None and mode not in (AUTO, previous):
+            raise InvalidInputError(
+                f"the UNet's int8 layers already run as {previous!r}; reload the fragment "
+                f"to run them as {mode!r}"
+            )
+        return Int8ExecutionReport(previous, mode, reason="no int8 layer to set")
+    weight = layers[0][1].weight_scale
+    dtype = _compute_dtype(unet)
+    requested, reason = mode, f"asked for {mode}"
+    if mode == AUTO:
+        mode, reason = choose_int8_execution(weight.device, dtype)
+    elif mode == INT_MM and not int_mm_available(weight.device, dtype):
+        raise InvalidInputError(
+            f"torch._int_mm does not run on {weight.device} with {dtype}; use int8 "
+            "execution 'auto' or 'float'"
+        )
+    counts = {INT_MM: 0, FLOAT_ONCE: 0, DEQUANTIZE: 0}
+    for name, layer in layers:
+        kind = mode
+        if mode == INT_MM and isinstance(layer, Int8Conv2d):
+            kind = FLOAT_ONCE
+        if kind == INT_MM:
+            set_submodule(unet, name, Int8MatmulLinear(layer))
+        elif kind == FLOAT_ONCE:
+            set_submodule(unet, name, float_layer(layer, dtype))
+        counts[kind] += 1
+    setattr(unet, _MODE_ATTR, mode)
+    report = Int8ExecutionReport(
+        mode,
+        requested,
+        int_mm_layers=counts[INT_MM],
+        float_layers=counts[FLOAT_ONCE],
+        dequantize_layers=counts[DEQUANTIZE],
+        reason=reason,
+    )
+    log.info(
+        "int8 layers run as %s (%s): %d int_mm, %d float, %d dequantize",
+        mode,
+        reason,
+        report.int_mm_layers,
+        report.float_layers,
+        report.dequantize_layers,
+    )
+    return report
+
+
+def int8_execution(unet: nn.Module) -> str | None:
+    """The mode :func:`set_int8_execution_` chose for ``unet`` (``None``: never set)."""
+    return getattr(unet, _MODE_ATTR, None)
+
+
+@torch.no_grad()
+def float_layer(layer: Int8Linear | Int8Conv2d, dtype: torch.dtype) -> nn.Linear | nn.Conv2d:
+    """A plain float layer with the int8 layer's dequantised weight (the same values)."""
+    from fragjobs.extraction.int8 import dequantize_weight
+
+    weight = dequantize_weight(layer.weight_int8, layer.weight_scale, dtype)
+    bias = layer.bias is not None
+    if isinstance(layer, Int8Linear):
+        new = nn.Linear(layer.in_features, layer.out_features, bias=bias, device="meta")
+    else:
+        new = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=bias,
+            device="meta",
+        )
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    if bias:
+        new.bias = layer.bias
+    return new
+
+
+def _compute_dtype(unet: nn.Module) -> torch.dtype:
+    """The UNet's float dtype (that of its first floating-point parameter)."""
+    for param in unet.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
