@@ -13,7 +13,10 @@ result dict is the next step's first argument (``upstream``)::
 command line reaches every step. Every step is idempotent (a redelivered message finds the
 rows and objects already written): ``validate_message`` returns the recorded verdict of a
 fragment validated already; ``generate_message`` keeps the images of an earlier delivery and
-counts deliveries (:mod:`fragjobs.chain.jobs`).
+counts deliveries (:mod:`fragjobs.chain.jobs`). ``generate_message`` delivers the full
+model's images the chain kept in the store (its profiling and validation seeds,
+:mod:`fragjobs.chain.full_images`) for those of its seeds that have one, instead of
+generating them; the client chooses which seeds a batch asks for.
 """
 
 from __future__ import annotations
@@ -185,6 +188,7 @@ def generate_message(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ws: Workspace | None = None,
     progress_callback: Callable[[int, int], None] | None = None,
+    reuse_full_model: bool = True,
 ) -> dict[str, Any]:
     """Generate one batch of seed variants as catalog job ``job_id``.
 
@@ -192,8 +196,12 @@ def generate_message(
     None uses the prompt's ready fragment if there is one. An unusable fragment falls back to
     the full model (``used_fallback``, ``fallback_reason``). A job delivered more than
     ``max_attempts`` times is marked failed with the reason (``error``) and not run again.
+    ``reuse_full_model``: seeds whose full-model image the chain kept in the store (the
+    fragment's profiling and validation seeds) are delivered from it, not generated.
 
-    Returns the job id, image URIs, the fragment key used, ``error``, where the fragment came
+    Returns the job id, image URIs, the fragment key used, ``error``, which seeds' images the
+    full model made (``full_model_seeds``) and which of them came from the chain's kept
+    images (``reused_full_model_seeds``), where the fragment came
     from (``fragment_source``: ``memory`` — this process held it warm —, ``node cache``,
     ``store`` or None) and what the node's warm cache did for this batch (``warm_cache``:
     hits, misses, fetched bytes).
@@ -226,6 +234,7 @@ def generate_message(
             ws=ws,
             progress=False,
             progress_callback=progress_callback,
+            reuse_full_model=reuse_full_model,
         )
     fetched = {k: v - counters[k] for k, v in _cache_counters(cache).items()}
     if result.fragment_key is None:
@@ -243,6 +252,8 @@ def generate_message(
             result.used_fallback,
             result.fallback_reason,
         ),
+        "full_model_seeds": result.full_model_seeds,
+        "reused_full_model_seeds": result.reused_seeds,
         "fragment_source": source,
         "warm_cache": fetched,
         "memory": result.metrics,

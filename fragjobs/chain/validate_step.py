@@ -1,4 +1,11 @@
-"""Step 3, validate: full model vs fragment on the same seeds, gated by ``thresholds.yaml``."""
+"""Step 3, validate: full model vs fragment on the same held-out seeds, gated by
+``thresholds.yaml``.
+
+The full model's images of the validation seeds are kept beside the profile
+(:mod:`fragjobs.chain.full_images`): the chain delivers them as variants, and a later
+validation of the same prompt, settings and seeds decodes them instead of generating them
+again, so only the fragment's images are generated.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import torch
 from fragjobs.base_models import LoadedBase
 from fragjobs.chain.bases import base_of
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment
+from fragjobs.chain.full_images import FullImageSpec, full_model_images
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS
 from fragjobs.chain.library_cap import enforce_library_cap
 from fragjobs.chain.stored import update_manifest
@@ -36,6 +44,9 @@ class ValidationResult:
     fragment_images: torch.Tensor
     manifest: FragmentManifest
     elapsed_s: float = 0.0
+    full_generated_seeds: list[int] | None = None
+    """Seeds whose full-model images this validation generated (the others were kept from an
+    earlier one or given as ``reference``); None when not known."""
 
 
 def validate(
@@ -46,13 +57,19 @@ def validate(
     progress: bool = True,
     reference: torch.Tensor | None = None,
 ) -> ValidationResult:
-    """Run full model and fragment on the same seeds, gate with ``thresholds.yaml``.
+    """Run full model and fragment on the same held-out seeds, gate with ``thresholds.yaml``.
 
     The catalog gets a validation row and the status ``ready`` or ``failed_gate``; the stored
     manifest gets its ``quality`` layer and ``verified``. ``reference``: the full model's
     images of ``seeds`` made earlier in this process for the same prompt and generation
     settings (``ValidationResult.full_images`` of another fragment of the same profile); they
-    are used instead of generating them again.
+    are used instead of generating them again. Without it, the full model's images kept by an
+    earlier validation of the same base, prompt, settings and seeds are decoded, and only the
+    missing ones are generated (and kept: :mod:`fragjobs.chain.full_images`).
+
+    Raises:
+        InvalidInputError: a seed the fragment was profiled on (the gate judges held-out
+            seeds only), or a ``reference`` that is not one image per seed.
     """
     ws = ws or workspace()
     seeds = check_seeds(list(seeds))
@@ -68,17 +85,24 @@ def validate(
     started = time.perf_counter()
     fragment = load_stored_fragment(key, ws)
     manifest = fragment.manifest
+    profiled = sorted(set(seeds) & set(manifest.profiling.seeds))
+    if profiled:
+        raise InvalidInputError(
+            f"validation seeds must be held out: {profiled} were profiled for fragment {key}; "
+            "choose other seeds"
+        )
     loaded = fragment_base(ws, key)
     gen = generation_config(manifest, batch_size=len(seeds))
-    full = reference
+    full, generated = reference, None
     if full is None:
-        full = generate_images(
+        full, generated = full_model_images(
+            ws,
             loaded.pipe,
-            manifest.profiling.prompt,
+            manifest.profiling.profile_id,
+            FullImageSpec.of(loaded.info.sha256, manifest.profiling.prompt, gen),
             seeds,
             gen,
             progress=progress,
-            desc="validate: full",
         )
     frag_pipe = with_unet(loaded.pipe, fragment_unet(loaded, fragment))
     frag = generate_images(
@@ -120,6 +144,7 @@ def validate(
         frag,
         manifest,
         elapsed_s=time.perf_counter() - started,
+        full_generated_seeds=generated,
     )
 
 

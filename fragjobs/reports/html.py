@@ -96,13 +96,14 @@ def render_run_page(folder: Path) -> Path:
         )
         if uri is not None
     ]
+    delivery = summary.get("delivery") or {}
     images = sorted(
         (
-            {"seed": int(p.stem), "src": data_uri(p)}
+            {"seed": int(p.stem), "src": data_uri(p), "made_by": _made_by(delivery, int(p.stem))}
             for p in (folder / "images").glob("*.png")
             if p.stem.isdigit()
         ),
-        key=lambda i: i["seed"],
+        key=lambda i: _delivery_order(delivery, i["seed"]),
     )
     listed = [SUMMARY_FILE, MANIFEST_FILE, IMPORTANCE_FILE, RAW_FILE, DIFF_FILE]
     html = (
@@ -120,6 +121,11 @@ def render_run_page(folder: Path) -> Path:
             compare=data_uri(folder / COMPARE_FILE),
             compare_reason=(summary.get("report") or {}).get("compare_reason") or "not available",
             images=images,
+            delivery={
+                "full_model_seeds": delivery.get("full_model_seeds") or [],
+                "from_profiling": delivery.get("from_profiling") or [],
+                "from_validation": delivery.get("from_validation") or [],
+            },
             fragment={
                 "key": fragment.get("key"),
                 "verified": fragment.get("verified"),
@@ -135,6 +141,23 @@ def render_run_page(folder: Path) -> Path:
     path = folder / HTML_FILE
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _made_by(delivery: dict[str, Any], seed: int) -> str:
+    """Which model made a variant, from the report's ``delivery`` ("" when not recorded)."""
+    if seed in (delivery.get("from_profiling") or []):
+        return "full model (profiling)"
+    if seed in (delivery.get("from_validation") or []):
+        return "full model (validation)"
+    if seed in (delivery.get("full_model_seeds") or []):
+        return "full model"
+    return "fragment" if seed in (delivery.get("fragment_seeds") or []) else ""
+
+
+def _delivery_order(delivery: dict[str, Any], seed: int) -> tuple[int, int]:
+    """Variants in the order they were delivered, else by seed."""
+    order = delivery.get("seeds") or []
+    return (order.index(seed), seed) if seed in order else (len(order), seed)
 
 
 def write_index_page(

@@ -62,7 +62,10 @@ REGRESSION_METRICS = {
         RegressionMetric("clip_delta", "lower", "quality", "CLIP-score drop vs the full model"),
         RegressionMetric("speedup", "higher", "timing", "per-image latency full / fragment"),
         RegressionMetric(
-            "break_even_variants", "lower", "timing", "variants until the overhead pays back"
+            "break_even_variants",
+            "lower",
+            "timing",
+            "variants until the chain's seconds beyond its delivered full-model images pay back",
         ),
         RegressionMetric(
             "memory_reduction", "higher", "memory", "1 - measured peak fragment / full"

@@ -63,6 +63,9 @@ def test_every_link_and_image_of_the_page_resolves(run_folder: Path) -> None:
     targets = re.findall(r'(?:src|href)="([^"]+)"', html)
     images = [t for t in targets if t.startswith("data:image/png;base64,")]
     assert len(images) == 2 + 1 + 2  # two plots, compare.png, two variants
+    # both variants are the full model's images the chain made anyway, and say so
+    assert "seed 0 · full model (profiling)" in html
+    assert "seed 1000 · full model (validation)" in html
     for uri in images:
         with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as image:
             image.verify()

@@ -347,13 +347,47 @@ def test_h5_grades(overhead_s: float | None, status: str, variants: float | None
     assert values["break_even_variants"] == variants
 
 
+def test_h5_credits_the_delivered_full_model_images_and_keeps_the_old_figure_beside() -> None:
+    # 2 s full, 1 s fragment per image; 14 s of chain made 4 full-model images delivered as
+    # variants (worth 8 s): 6 s beyond them / 1 s saved = 6; the seed's definition: 14 / 1.
+    performance = {
+        **PERFORMANCE,
+        "overhead_s": 14.0,
+        "chain_s": 14.0,
+        "delivered_full_model_images": 4,
+    }
+    status, reason, values = hypothesis(summary(performance=performance), "H5")
+    assert (status, reason) == ("PASS", None)
+    assert values["break_even_variants"] == pytest.approx(6.0)
+    assert values["break_even_variants_old"] == pytest.approx(14.0)
+    assert (values["chain_s"], values["delivered_full_model_images"]) == (14.0, 4)
+    # nothing delivered: the two definitions agree, and the same chain misses the limit
+    status, _, values = hypothesis(
+        summary(performance={**performance, "delivered_full_model_images": 0}), "H5"
+    )
+    assert status == "WARN" and values["break_even_variants"] == pytest.approx(14.0)
+    # a chain that cost less than its delivered images has paid back before any variant
+    values = hypothesis(
+        summary(performance={**performance, "chain_s": 6.0, "delivered_full_model_images": 8}),
+        "H5",
+    )[2]
+    assert values["break_even_variants"] == 0.0
+
+
+@pytest.mark.parametrize("delivered", [-1, 2.5, True, "4"])
+def test_h5_refuses_a_bad_delivered_count(delivered) -> None:
+    performance = {**PERFORMANCE, "delivered_full_model_images": delivered}
+    with pytest.raises(InvalidInputError, match="delivered_full_model_images"):
+        summary(performance=performance)
+
+
 def test_h5_fails_with_null_value_when_fragment_is_not_faster() -> None:
     performance = {**PERFORMANCE, "latency_full_ms": 1000.0, "latency_fragment_ms": 1100.0}
     result = summary(performance=performance)
     status, reason, values = hypothesis(result, "H5")
     assert status == "FAIL"
     assert reason == NEVER_PAYS_BACK
-    assert values["break_even_variants"] is None
+    assert values["break_even_variants"] is None and values["break_even_variants_old"] is None
     assert values["saving_per_image_s"] == pytest.approx(-0.1)
     json.dumps(result, allow_nan=False)
 
