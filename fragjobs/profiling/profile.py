@@ -354,6 +354,8 @@ def _timing_and_change_hooks(name, block, n, previous, changes, times, recording
 
 
 def _word_token_mask(pipe: Any, prompt: str, n: int, cfg: bool) -> torch.Tensor:
+    # SDXL concatenates its two encoders' states feature-wise, token by token, and both
+    # tokenizers split a prompt alike (CLIP's BPE): the first one's mask serves both.
     tokens = pipe.tokenizer(
         prompt,
         padding="max_length",
