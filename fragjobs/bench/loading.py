@@ -1,13 +1,17 @@
-"""What the benchmarks load: the model with shared generation settings, peers, workspaces."""
+"""What the benchmarks load: the model with shared generation settings, workspaces.
+
+Peers (DeepCache, ToMe, diffusers' cache hooks) live in :mod:`fragjobs.bench.peers`.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fragjobs.bench.peers import peer_pipeline
 from fragjobs.config import Settings
+
+__all__ = ["embedded_settings", "load_for_bench", "peer_pipeline"]  # peer_pipeline: memory.py
 
 
 def load_for_bench(
@@ -22,29 +26,6 @@ def load_for_bench(
     from fragjobs.generation.memory_probe import load_for_probe
 
     return load_for_probe(model, size=size, steps=steps, batch_size=batch_size)
-
-
-@contextlib.contextmanager
-def peer_pipeline(pipe: Any, name: str) -> Iterator[Any]:
-    """The base pipeline with a peer method switched on, switched off afterwards."""
-    if name.startswith("deepcache"):
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=int(name.split("_")[1]), cache_branch_id=0)
-        helper.enable()
-        try:
-            yield pipe
-        finally:
-            helper.disable()
-    else:
-        import tomesd
-
-        tomesd.apply_patch(pipe, ratio=float(name.split("_")[1]))
-        try:
-            yield pipe
-        finally:
-            tomesd.remove_patch(pipe)
 
 
 def embedded_settings(data_dir: Path, **overrides: Any) -> Settings:

@@ -10,17 +10,28 @@ times every method once, so a shared machine's drift hits all alike):
   (``low_rank+int8+caching``: the chain's config without head pruning); ``name@0.95``
   extracts with another fidelity knob (e.g. ``caching@0.95,all@0.95`` for the fastest
   schedule keeping SSIM 0.95);
-* peers: DeepCache (``DeepCacheSDHelper``, intervals 3 and 5) and ToMe-SD (ratio 0.5), when
-  installed (``pip install deepcache tomesd``), else a row saying why not.
+* peers (:mod:`fragjobs.bench.peers`): DeepCache (intervals 2, 3, 5), ToMe-SD (ratios 0.3,
+  0.5) and diffusers' cache hooks fitted to the UNet (TaylorSeer, Pyramid Attention
+  Broadcast, MagCache calibrated on the profiling seeds, FasterCache, First-Block-Cache), at
+  two or three settings each; a peer that is not installed or cannot run on the pipeline is
+  a row saying why, without figures.
 
-For each: per-image latency, speed-up vs full, SSIM and PSNR of its images against the full
-model's at the same seeds, UNet weight bytes, CUDA peak memory on a GPU, and the RSS held and
-peak RSS of a fresh process that loads only that method and makes one batch
-(:mod:`fragjobs.bench.memory`; each fragment is saved under ``--out/fragments/<model>/``).
-Break-even of each fragment (H5) = (profile + extract + validate seconds) / (full − fragment
-seconds per image), with profiling on the chain's four seeds and validation as ``fragjobs
-validate`` does it (full model and fragment on the evaluation seeds). Writes JSON, a markdown
-table and a speed-up vs SSIM plot. On random-weight models SSIM is reported
+Method tokens ``noforecast``, ``nocfg``, ``noprobe`` in a ``+``-joined fragment method turn
+off block caching's routing switches (``BlockCachingConfig.forecast``, ``.cfg_reuse``,
+``.probe``): ``caching+noforecast+nocfg+noprobe`` is plain block caching.
+
+For each: per-image latency (median of the repeats, with min, max and a flag when max/min >
+:data:`fragjobs.bench.timing.SPREAD_LIMIT`), speed-up vs full, SSIM and PSNR of its images
+against the full model's at the same seeds, UNet weight bytes, CUDA peak memory on a GPU,
+and the RSS held and peak RSS of a fresh process that loads only that method and makes one
+batch (:mod:`fragjobs.bench.memory`; each fragment is saved under ``--out/fragments/<model>/``).
+Break-even of each fragment (H5), both definitions of :mod:`fragjobs.validation.break_even`:
+old = (profile + extract + validate seconds) / (full − fragment seconds per image);
+delivered = the same seconds beyond delivering the full-model images they computed (the
+profiling and evaluation seeds') / the same saving; profiling on the chain's four seeds and
+validation as ``fragjobs validate`` does it (full model and fragment on the evaluation seeds).
+Writes JSON, a markdown table with each peer's dominating fragment point, and a speed-up vs
+SSIM plot (mean and worst seed). On random-weight models SSIM is reported
 but says nothing about quality. Ratios are only comparable within one run on one machine.
 """
 
@@ -31,7 +42,6 @@ import contextlib
 import gc
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,35 +49,29 @@ from typing import Any
 
 import torch
 
-from fragjobs.bench.loading import load_for_bench, peer_pipeline
+from fragjobs.bench.diffusers_cache import PeerUnavailableError
+from fragjobs.bench.loading import load_for_bench
 from fragjobs.bench.memory import measure
-from fragjobs.bench.speed_report import markdown_table, plot
+from fragjobs.bench.methods import (
+    TECHNIQUES,
+    check_methods,
+    extraction_config,
+    is_fragment_method,
+)
+from fragjobs.bench.peers import (
+    NEEDS_CALIBRATION,
+    PEERS,
+    calibrate_peer,
+    describe_peer,
+    is_peer,
+    parse_peer,
+    peer_pipeline,
+)
+from fragjobs.bench.speed_report import markdown_report, plot
+from fragjobs.bench.timing import time_interleaved
+from fragjobs.validation.break_even import break_even_delivered, break_even_old
 
-TECHNIQUES = ("heads", "low_rank", "int8", "caching", "all")
-PEERS = ("deepcache_3", "deepcache_5", "tome_0.5")
 FIXED_SIZE = ("tiny-sd", "shapes")  # trained/built for 64×64
-
-
-def _extraction_config(technique: str, threshold: float, fidelity: float):
-    """``all`` is the chain's config (``chain.extraction_config``); the others one part of it."""
-    from fragjobs.chain import head_guard
-    from fragjobs.extraction import (
-        BlockCachingConfig,
-        ExtractionConfig,
-        HeadSelectionConfig,
-        Int8Config,
-        LowRankConfig,
-    )
-
-    use = set(TECHNIQUES[:4]) if technique == "all" else set(technique.split("+"))
-    return ExtractionConfig(
-        heads=HeadSelectionConfig(threshold, min_ssim=head_guard(fidelity))
-        if "heads" in use
-        else HeadSelectionConfig(1.0),
-        low_rank=LowRankConfig() if "low_rank" in use else None,
-        int8=Int8Config() if "int8" in use else None,
-        caching=BlockCachingConfig(min_ssim=fidelity) if "caching" in use else None,
-    )
 
 
 def bench_model(
@@ -98,6 +102,7 @@ def bench_model(
     from fragjobs.profiling import ProfileConfig, profile_prompt
     from fragjobs.validation import compute_quality
 
+    check_methods(methods, threshold, fidelity)
     loaded, gen = load_for_bench(model, size=size, steps=steps, batch_size=batch_size)
     pipe, info = loaded.pipe, loaded.info
     height, width, steps = gen.height, gen.width, gen.steps
@@ -145,20 +150,20 @@ def bench_model(
         rows.append(row)
         runners[name] = runner
         if not interleave:
-            _time_methods(rows[-1:], runners, prompt, gen, repeats)
+            time_interleaved(rows[-1:], runners, prompt, gen, repeats)
             runners.pop(name)
             log(json.dumps({"model": model, **rows[-1]}))
 
     add("full", lambda: contextlib.nullcontext(pipe), full_bytes, {})
     for name in methods:
         technique, _, knob = name.partition("@")
-        if technique in TECHNIQUES or set(technique.split("+")) <= set(TECHNIQUES[:4]):
+        if is_fragment_method(name):
             t0 = time.perf_counter()
             fragment, unet = extract_fragment(
                 pipe,
                 info,
                 prof,
-                _extraction_config(technique, threshold, float(knob) if knob else fidelity),
+                extraction_config(technique, threshold, float(knob) if knob else fidelity),
                 profile_id="bench",
             )
             m = fragment.manifest
@@ -177,17 +182,12 @@ def bench_model(
             add(name, lambda p=fragment_pipe: contextlib.nullcontext(p), weight_bytes(unet), extra)
             del fragment, unet, fragment_pipe
         else:
-            try:
-                add(name, lambda n=name: peer_pipeline(pipe, n), full_bytes, {})
-            except ImportError as exc:
-                rows.append(
-                    {"method": name, "unavailable": f"{exc} (pip install deepcache tomesd)"}
-                )
+            _add_peer(name, pipe, add, rows, full_bytes, steps, profile_seeds, prompt, gen)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if interleave:
-        _time_methods([r for r in rows if r["method"] in runners], runners, prompt, gen, repeats)
+        time_interleaved([r for r in rows if r["method"] in runners], runners, prompt, gen, repeats)
         for row in rows:
             log(json.dumps({"model": model, **row}))
     runners.clear()
@@ -195,6 +195,9 @@ def bench_model(
     if memory:
         for row in rows:
             if "unavailable" in row or ("extract_s" in row and "fragment_dir" not in row):
+                continue
+            if is_peer(row["method"]) and parse_peer(row["method"])[0] in NEEDS_CALIBRATION:
+                row["rss_note"] = "not probed: its calibration runs in the benchmark process"
                 continue
             figures = measure(
                 model,
@@ -209,14 +212,7 @@ def bench_model(
             row["rss_peak_mib"] = round(figures["rss_peak_bytes"] / 2**20, 1)
             log(json.dumps({"model": model, "method": row["method"], **figures}))
 
-    full_ms = rows[0]["latency_ms"]
-    for row in rows:
-        if "latency_ms" in row:
-            row["speedup"] = round(full_ms / row["latency_ms"], 3)
-        if "extract_s" in row:
-            saved_s = (full_ms - row["latency_ms"]) / 1000
-            overhead = profile_s + row["extract_s"] + row["validate_s"]
-            row["break_even_variants"] = round(overhead / saved_s, 1) if saved_s > 0 else None
+    _speedups_and_break_even(rows, profile_s, len(profile_seeds) + len(eval_seeds))
     return {
         "model": model,
         "size": height,
@@ -229,40 +225,41 @@ def bench_model(
     }
 
 
-def _time_methods(rows, runners, prompt: str, gen: Any, repeats: int) -> None:
-    """Warm median per-image latency of each row's method, timed in interleaved rounds.
+def _add_peer(name, pipe, add, rows, full_bytes, steps, profile_seeds, prompt, gen) -> None:
+    """Calibrate (MagCache), describe and add one peer, or a row saying why it cannot run."""
+    from fragjobs.generation import generate_images
 
-    Every method first runs one untimed warm-up batch (its CUDA max allocated, MiB, is
-    recorded on a GPU); then ``repeats`` rounds time one batch of each method in turn, the
-    order rotating each round, so drifts of a shared machine hit every method alike.
-    """
-    from fragjobs.generation import generate_images, sync_device
-
-    seeds = list(range(gen.batch_size))
-    timings: dict[str, list[float]] = {row["method"]: [] for row in rows}
-    for row in rows:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        with runners[row["method"]]() as pipe:
-            generate_images(pipe, prompt, seeds, gen)
-        row["cuda_peak_mib"] = (
-            round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            if torch.cuda.is_available()
-            else None
+    try:
+        started = time.perf_counter()
+        calibration = calibrate_peer(
+            pipe, name, steps, lambda p: generate_images(p, prompt, list(profile_seeds), gen)
         )
-    names = list(timings)
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            with runners[name]() as pipe:
-                sync_device()
-                started = time.perf_counter()
-                generate_images(pipe, prompt, seeds, gen)
-                sync_device()
-                timings[name].append((time.perf_counter() - started) * 1000 / gen.batch_size)
+        extra = {"calibrate_s": round(time.perf_counter() - started, 2)} if calibration else {}
+        extra.update(describe_peer(pipe, name, calibration))
+        add(name, lambda: peer_pipeline(pipe, name, calibration), full_bytes, extra)
+    except ImportError as exc:
+        rows.append({"method": name, "unavailable": f"{exc} (pip install deepcache tomesd)"})
+    except PeerUnavailableError as exc:
+        rows.append({"method": name, "unavailable": str(exc)})
+
+
+def _speedups_and_break_even(rows: list[dict[str, Any]], profile_s: float, delivered: int) -> None:
+    """Speed-up of every timed row; both break-evens of every fragment row.
+
+    ``delivered``: the full-model images the chain computed anyway (profiling and evaluation
+    seeds), credited by the delivered definition.
+    """
+    full_s = rows[0]["latency_ms"] / 1000
     for row in rows:
-        row["latency_ms"] = round(statistics.median(timings[row["method"]]), 2)
+        if "latency_ms" in row:
+            row["speedup"] = round(rows[0]["latency_ms"] / row["latency_ms"], 3)
+        if "extract_s" in row:
+            overhead = profile_s + row["extract_s"] + row["validate_s"]
+            fragment_s = row["latency_ms"] / 1000
+            old = break_even_old(overhead, full_s, fragment_s)
+            new = break_even_delivered(overhead, delivered, full_s, fragment_s)
+            row["break_even_old"] = None if old is None else round(old, 1)
+            row["break_even_delivered"] = None if new is None else round(new, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         report = {"machine": machine, "threshold": args.threshold, "results": results}
         (args.out / "bench.json").write_text(json.dumps(report, indent=2))
-    table = markdown_table(results)
-    (args.out / "bench.md").write_text(f"machine: {machine}\n\n{table}\n")
+    report_md = markdown_report(results, machine)
+    (args.out / "bench.md").write_text(report_md)
     plot(results, args.out / "bench.png")
-    print(f"\nmachine: {machine}; median of {args.repeats}, warm\n{table}")
+    print(f"\nmedian of {args.repeats}, warm\n{report_md}")
     return 0

@@ -1,52 +1,130 @@
-"""The speed benchmark's results as one markdown table and a speed-up vs SSIM plot."""
+"""The speed benchmark's results: one markdown table, a dominance list and a speed vs SSIM plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from fragjobs.bench.dominance import dominance_lines
+from fragjobs.bench.timing import SPREAD_LIMIT
+
+COLUMNS = [
+    "method",
+    "latency_ms",
+    "latency_min_ms",
+    "latency_max_ms",
+    "spread",
+    "speedup",
+    "ssim",
+    "ssim_min",
+    "psnr_db",
+    "bytes_ratio",
+    "rss_held_mib",
+    "rss_peak_mib",
+    "cuda_peak_mib",
+    "break_even_old",
+    "break_even_delivered",
+]
+
+
+def fragment_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of extracted fragments (they carry ``extract_s``)."""
+    return [row for row in result["rows"] if "extract_s" in row]
+
+
+def peer_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of peers: neither the full model nor a fragment."""
+    return [row for row in result["rows"] if row["method"] != "full" and "extract_s" not in row]
+
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One markdown table for all models."""
-    cols = [
-        "method",
-        "latency_ms",
-        "speedup",
-        "ssim",
-        "ssim_min",
-        "psnr_db",
-        "bytes_ratio",
-        "rss_held_mib",
-        "rss_peak_mib",
-        "cuda_peak_mib",
-        "break_even_variants",
-    ]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    """One markdown table for all models; an unavailable peer's row says why, without figures."""
+    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for result in results:
         label = f"{result['model']} {result['size']}px {result['steps']} steps"
         for row in result["rows"]:
-            cells = [
-                str(row.get(c, row.get("unavailable", "")) if c == "latency_ms" else row.get(c, ""))
-                for c in cols
-            ]
+            if "unavailable" in row:
+                cells = [row["method"], f"unavailable: {row['unavailable']}"]
+                cells += [""] * (len(COLUMNS) - 2)
+            else:
+                cells = [_cell(row, column) for column in COLUMNS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column == "spread":
+        return "WIDE" if row.get("spread_wide") else ""
+    value = row.get(column, "")
+    return "" if value is None and column.startswith("break_even") else str(value)
+
+
+def markdown_report(results: list[dict[str, Any]], machine: str) -> str:
+    """The benchmark's markdown: the machine, the table, the spread rule and the dominance."""
+    parts = [
+        f"machine: {machine}",
+        "",
+        markdown_table(results),
+        "",
+        f"latency_ms: median of the repeats (min / max beside it); spread WIDE: the slowest "
+        f"repeat took more than {SPREAD_LIMIT}× the fastest, so the machine's load changed "
+        "during the run and that row's ratios are uncertain.",
+        "break_even_old: (profile + extract + validate s) ÷ (full − fragment s per image); "
+        "break_even_delivered: the same seconds beyond delivering the full-model images the "
+        "chain computed anyway (profiling and evaluation seeds) ÷ the same saving "
+        "(fragjobs.validation.break_even).",
+    ]
+    for result in results:
+        lines = dominance_lines(fragment_rows(result), peer_rows(result))
+        parts += [
+            "",
+            f"Dominance on {result['model']} (for each peer point, the fastest fragment point "
+            "with mean SSIM >= the peer's and worst-seed SSIM >= the peer's worst; ratio = "
+            "peer latency ÷ fragment latency):",
+            "",
+            *(lines or ["- no peer point was timed"]),
+        ]
+    return "\n".join(parts) + "\n"
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Speed-up vs SSIM, one marker per method, one panel per model."""
+    """Speed-up vs SSIM, one panel per model: a marker at each method's mean SSIM and a
+    whisker down to its worst seed; fragments round, peers square, the full model a star."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5 * len(results), 4))
+    fig = Figure(figsize=(6 * len(results), 5))
     for i, result in enumerate(results):
         ax = fig.add_subplot(1, len(results), i + 1)
+        fragments = {row["method"] for row in fragment_rows(result)}
         for row in result["rows"]:
-            if "speedup" in row:
-                ax.scatter(row["ssim"], row["speedup"])
-                ax.annotate(row["method"], (row["ssim"], row["speedup"]), fontsize=8)
-        ax.set_xlabel("SSIM vs full model")
+            if "speedup" not in row:
+                continue
+            kind = "fragment" if row["method"] in fragments else "peer"
+            if row["method"] == "full":
+                kind = "full"
+            colour = {"fragment": "C0", "peer": "C3", "full": "k"}[kind]
+            ax.plot(
+                [row["ssim_min"], row["ssim"]],
+                [row["speedup"], row["speedup"]],
+                color=colour,
+                alpha=0.5,
+                linewidth=1,
+            )
+            ax.plot(row["ssim_min"], row["speedup"], "|", color=colour, markersize=8)
+            ax.plot(
+                row["ssim"],
+                row["speedup"],
+                {"fragment": "o", "peer": "s", "full": "*"}[kind],
+                color=colour,
+                label=None,
+            )
+            ax.annotate(row["method"], (row["ssim"], row["speedup"]), fontsize=7)
+        ax.set_xlabel("SSIM vs full model: marker = mean, whisker end = worst seed")
         ax.set_ylabel("speed-up vs full model")
-        ax.set_title(f"{result['model']} {result['size']}px, {result['steps']} steps")
+        ax.set_title(
+            f"{result['model']} {result['size']}px, {result['steps']} steps "
+            "(blue: fragments, red: peers)"
+        )
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

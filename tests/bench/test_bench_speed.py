@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from fragjobs.bench.speed import bench_model
 from fragjobs.bench.speed_report import markdown_table
+from fragjobs.errors import InvalidInputError
 
 
 def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
@@ -16,28 +21,40 @@ def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
         batch_size=2,
         repeats=2,
         prompt="a dog on a jet ski",
-        methods=("int8", "caching@0.8", "tome_0.5"),
+        methods=("int8", "caching@0.8", "tome_0.5", "taylorseer_2", "fbc_0.05"),
         profile_seeds=(0, 1),
         fragments_dir=tmp_path,
         log=lambda _line: None,
     )
     rows = {row["method"]: row for row in result["rows"]}
-    assert list(rows) == ["full", "int8", "caching@0.8", "tome_0.5"]
+    assert list(rows) == ["full", "int8", "caching@0.8", "tome_0.5", "taylorseer_2", "fbc_0.05"]
     assert rows["full"]["speedup"] == 1.0 and rows["full"]["ssim"] == 1.0
     assert rows["int8"]["bytes_ratio"] < 0.6  # int8 weights: fewer bytes held
     caching = rows["caching@0.8"]
     assert caching["fidelity"] == 0.8 and caching["validate_s"] > 0
+    delivered = 2 + 2  # profiling seeds and evaluation seeds (one batch) of the full model
+    for row in (rows["int8"], caching, rows["taylorseer_2"]):
+        assert row["latency_min_ms"] <= row["latency_ms"] <= row["latency_max_ms"]
+        spread = row["latency_max_ms"] / row["latency_min_ms"]
+        assert row["spread_wide"] == (spread > 1.25)
     for row in (rows["int8"], caching):
         assert row["latency_ms"] > 0
         assert row["speedup"] == round(rows["full"]["latency_ms"] / row["latency_ms"], 3)
         saved = (rows["full"]["latency_ms"] - row["latency_ms"]) / 1000
         if saved > 0:
             overhead = result["profile_s"] + row["extract_s"] + row["validate_s"]
-            assert (
-                abs(row["break_even_variants"] - overhead / saved) < 0.1 + 0.01 * overhead / saved
-            )
+            old = overhead / saved
+            assert abs(row["break_even_old"] - old) < 0.1 + 0.01 * old
+            new = max(0.0, overhead - delivered * rows["full"]["latency_ms"] / 1000) / saved
+            assert abs(row["break_even_delivered"] - new) < 0.1 + 0.01 * new
+            assert row["break_even_delivered"] <= row["break_even_old"]
         else:
-            assert row["break_even_variants"] is None
+            assert row["break_even_old"] is None and row["break_even_delivered"] is None
+    # a diffusers cache hook fitted to the UNet: it hooks modules and changes the images
+    assert rows["taylorseer_2"]["hooked_modules"] > 0 and rows["taylorseer_2"]["ssim"] < 1.0
+    # a peer that cannot run on a UNet: a row saying why, without figures
+    assert "Transformer2DModel" in rows["fbc_0.05"]["unavailable"]
+    assert "latency_ms" not in rows["fbc_0.05"]
     # a peer that is not installed is a row saying so, not a missing row
     assert "latency_ms" in rows["tome_0.5"] or "pip install" in rows["tome_0.5"]["unavailable"]
     # memory: each method measured in a process of its own, the fragment replayed from disk
@@ -45,7 +62,7 @@ def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
         assert 0 < rows[name]["rss_held_mib"] <= rows[name]["rss_peak_mib"]
     assert (tmp_path / "int8" / "fragment.safetensors").is_file()
     table = markdown_table([result])
-    assert table.count("| tiny-sd 64px 4 steps |") == 4
+    assert table.count("| tiny-sd 64px 4 steps |") == 6
 
 
 def test_memory_probe_replays_the_saved_fragment_in_its_own_process(tmp_path):
@@ -81,15 +98,45 @@ def test_memory_probe_replays_the_saved_fragment_in_its_own_process(tmp_path):
 
 
 def test_methods_combine_techniques_with_plus():
-    from fragjobs.bench.speed import _extraction_config
+    from fragjobs.bench.methods import extraction_config
 
-    config = _extraction_config("low_rank+int8+caching", 0.75, 0.95)
+    config = extraction_config("low_rank+int8+caching", 0.75, 0.95)
     assert config.heads.threshold == 1.0 and config.heads.min_ssim is None
     assert config.low_rank is not None and config.int8 is not None
     assert config.caching is not None and config.caching.min_ssim == 0.95
-    everything = _extraction_config("all", 0.75, 0.9)
+    everything = extraction_config("all", 0.75, 0.9)
     assert everything.heads.threshold == 0.75 and everything.heads.min_ssim == 0.95
-    assert _extraction_config("int8", 0.75, 0.9).caching is None
+    assert extraction_config("int8", 0.75, 0.9).caching is None
+
+
+@pytest.mark.parametrize(
+    "token,field", [("noforecast", "forecast"), ("nocfg", "cfg_reuse"), ("noprobe", "probe")]
+)
+def test_routing_switch_tokens_turn_fields_off_or_are_refused_in_one_line(token, field):
+    from fragjobs.bench.methods import extraction_config
+    from fragjobs.extraction import BlockCachingConfig
+
+    if field in {f.name for f in dataclasses.fields(BlockCachingConfig)}:
+        config = extraction_config(f"caching+{token}", 0.75, 0.9)
+        assert getattr(config.caching, field) is False
+        plain = extraction_config("caching", 0.75, 0.9).caching
+        assert getattr(plain, field) == getattr(BlockCachingConfig(), field)
+        assert getattr(extraction_config(f"all+{token}", 0.75, 0.9).caching, field) is False
+    else:
+        with pytest.raises(InvalidInputError, match=f"no field '{field}'") as caught:
+            extraction_config(f"caching+{token}", 0.75, 0.9)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(InvalidInputError, match="add \\+caching"):
+        extraction_config(f"int8+{token}", 0.75, 0.9)
+
+
+def test_unknown_methods_are_refused_before_any_work():
+    from fragjobs.bench.methods import check_methods
+
+    for bad in ("caching+fast", "caching@high", "warpcache_3", "deepcache_x"):
+        with pytest.raises(InvalidInputError):
+            check_methods((bad,), 0.75, 0.9)
+    check_methods(("caching@0.98", "all", "deepcache_3", "magcache_0.1"), 0.75, 0.9)
 
 
 def test_peak_rss_is_the_process_own_not_inherited_from_its_parent():
