@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     computed_field,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -233,7 +234,15 @@ class ArtifactsLayer(_Layer):
 
 
 class DynamicRoutingLayer(_Layer):
-    """The block-caching schedule: per UNet block, the steps at which it is recomputed."""
+    """The block-caching schedule: per UNet block, the steps at which it is recomputed.
+
+    The last four fields are optional parts of the routing (``None``: off, as in manifests
+    written before them, which load and serialise unchanged): ``forecast_orders`` (per
+    block, the order of the extrapolation of its skipped outputs; absent blocks reuse),
+    ``cfg_steps`` (steps that run only the conditional CFG half), ``probe_change`` and
+    ``probe_margin`` (the run-time probe on ``down_blocks.0``: its profiled change per step,
+    and the ratio to it past which every block recomputes).
+    """
 
     enabled: bool = False
     method: Literal["block_caching"] = "block_caching"
@@ -246,6 +255,22 @@ class DynamicRoutingLayer(_Layer):
     min_ssim: float | None = None
     search: list[dict[str, float | None]] = Field(default_factory=list)
     reason: str | None = None
+    forecast_orders: dict[str, int] | None = None
+    cfg_steps: list[int] | None = None
+    probe_change: list[float] | None = None
+    probe_margin: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_parts(self, handler: Any) -> dict[str, Any]:
+        """Optional parts that are off are not written: older manifests stay byte-identical."""
+        data = handler(self)
+        for name in _ROUTING_PARTS:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+_ROUTING_PARTS = ("forecast_orders", "cfg_steps", "probe_change", "probe_margin")
 
 
 class FragmentManifest(_Layer):

@@ -101,7 +101,7 @@ class ExtractionConfig:
             "heads": asdict(self.heads),
             "low_rank": asdict(self.low_rank) if self.low_rank else None,
             "int8": asdict(self.int8) if self.int8 else None,
-            "caching": asdict(self.caching) if self.caching else None,
+            "caching": self.caching.params() if self.caching else None,
             "profile": asdict(profile.config),
         }
 
