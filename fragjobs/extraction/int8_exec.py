@@ -7,6 +7,11 @@ this module decides, once per loaded UNet, how those layers run:
   one scale per row) on every call and multiplied with the int8 weight by ``torch._int_mm``
   (int32 accumulation), then rescaled. Outputs differ from the float path (the activations
   are rounded too). Conv2d layers have no int8 kernel here and run as ``"float"``.
+- ``"qlinear_dynamic"``: the same W8A8 dynamic scheme with torch's CPU kernel
+  (``quantized::linear_dynamic``, fbgemm/x86: activations quantised per tensor to 7-bit
+  unsigned, the stored int8 weight and per-channel scales prepacked as they are), for Linear
+  layers of at least :data:`MIN_QLINEAR_WEIGHTS` weights; smaller Linear layers (where its
+  per-call overhead dominates) and Conv2d layers run as ``"float"``. Float32 on CPU only.
 - ``"float"``: dequantised once (``int8 · scale``, the very values the per-call path
   computes, so the images are bit-identical) into plain ``nn.Linear`` / ``nn.Conv2d``
   layers. Fast as the base, but the layers hold float weights: 4 bytes per weight in
@@ -29,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +47,17 @@ from fragjobs.extraction.int8 import Int8Conv2d, Int8Linear
 
 log = logging.getLogger(__name__)
 
-INT_MM, FLOAT_ONCE, DEQUANTIZE, AUTO = "int_mm", "float", "dequantize", "auto"
-INT8_EXECUTION_MODES = (INT_MM, FLOAT_ONCE, DEQUANTIZE)
+INT_MM, QLINEAR, FLOAT_ONCE, DEQUANTIZE = "int_mm", "qlinear_dynamic", "float", "dequantize"
+AUTO = "auto"
+INT8_EXECUTION_MODES = (INT_MM, QLINEAR, FLOAT_ONCE, DEQUANTIZE)
 # Device types on which W8A8 with torch._int_mm was measured faster than float. Empty: on
 # CPU (AVX2, no VNNI) it was 0.2-0.6x of float32; no GPU was lent to measure CUDA.
 FAST_INT_MM_DEVICES: frozenset[str] = frozenset()
 # Activation dtypes the W8A8 path computes in (it rescales the int32 result in that dtype).
 INT_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Linear layers below this many weights run as float in "qlinear_dynamic": measured on CPU,
+# the kernel was 0.16x of float32 on a 128x128 layer, 2.2x on 640x640 and 1.2x on 320x2560.
+MIN_QLINEAR_WEIGHTS = 256 * 1024
 _MODE_ATTR = "_fragjobs_int8_execution"
 
 
@@ -60,6 +70,7 @@ class Int8ExecutionReport:
             the UNet holds no int8 layer.
         requested: the mode asked for (``"auto"`` or a mode).
         int_mm_layers: layers computing with ``torch._int_mm``.
+        qlinear_layers: layers computing with ``quantized::linear_dynamic``.
         float_layers: layers dequantised once (all of them in ``"float"``; the Conv2d layers
             in ``"int_mm"``).
         dequantize_layers: layers dequantising on every call.
@@ -69,6 +80,7 @@ class Int8ExecutionReport:
     mode: str | None
     requested: str
     int_mm_layers: int = 0
+    qlinear_layers: int = 0
     float_layers: int = 0
     dequantize_layers: int = 0
     reason: str = ""
@@ -88,6 +100,20 @@ def int_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool:
         return False
 
 
+def qlinear_dynamic_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether ``quantized::linear_dynamic`` runs on ``device`` for activations of ``dtype``.
+
+    Tried for real: a per-channel int8 weight prepacked and applied to a small input.
+    """
+    try:
+        weight = torch.ones(8, 8, dtype=torch.int8)
+        packed = _prepack(weight, torch.ones(8), None)
+        x = torch.ones(2, 8, dtype=dtype, device=device)
+        return float(torch.ops.quantized.linear_dynamic(x, packed, True)[0, 0]) == 8.0
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
 def choose_int8_execution(device: torch.device | str, dtype: torch.dtype) -> tuple[str, str]:
     """The mode ``"auto"`` means on ``device`` for ``dtype``, and why."""
     device = torch.device(device)
@@ -96,6 +122,37 @@ def choose_int8_execution(device: torch.device | str, dtype: torch.dtype) -> tup
     if not int_mm_available(device, dtype):
         return FLOAT_ONCE, f"torch._int_mm does not run on {device} with {dtype}"
     return INT_MM, f"torch._int_mm measured faster than float on {device.type}"
+
+
+class Int8DynamicLinear(nn.Module):
+    """A Linear computed by torch's ``quantized::linear_dynamic`` (fbgemm/x86, CPU float32).
+
+    Holds only the prepacked weight (the stored int8 values and per-channel scales); the
+    input is quantised per call (per tensor, 7-bit unsigned) inside the kernel.
+    """
+
+    def __init__(self, layer: Int8Linear) -> None:
+        super().__init__()
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+        self._packed = _prepack(layer.weight_int8, layer.weight_scale, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _prepack(weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    rows = weight_int8.shape[0]
+    zero = torch.zeros(rows, dtype=torch.long)
+    with warnings.catch_warnings():  # torch flags quantized tensors as deprecated; still here
+        warnings.simplefilter("ignore")
+        quantized = torch._make_per_channel_quantized_tensor(
+            weight_int8.cpu(), scale.double().cpu(), zero, 0
+        )
+        return torch.ops.quantized.linear_prepack(
+            quantized, None if bias is None else bias.detach().float().cpu()
+        )
 
 
 class Int8MatmulLinear(nn.Module):
@@ -147,7 +204,7 @@ def set_int8_execution_(unet: nn.Module, mode: str = AUTO) -> Int8ExecutionRepor
     Args:
         unet: a UNet whose int8 layers are :class:`~fragjobs.extraction.int8.Int8Linear` /
             :class:`~fragjobs.extraction.int8.Int8Conv2d` (e.g. a built fragment UNet).
-        mode: ``"auto"``, ``"int_mm"``, ``"float"`` or ``"dequantize"``.
+        mode: ``"auto"`` or one of :data:`INT8_EXECUTION_MODES`.
 
     Returns:
         What was done; the mode is also kept on ``unet`` (:func:`int8_execution`).
@@ -179,13 +236,18 @@ def set_int8_execution_(unet: nn.Module, mode: str = AUTO) -> Int8ExecutionRepor
             f"torch._int_mm does not run on {weight.device} with {dtype}; use int8 "
             "execution 'auto' or 'float'"
         )
-    counts = {INT_MM: 0, FLOAT_ONCE: 0, DEQUANTIZE: 0}
+    elif mode == QLINEAR and not qlinear_dynamic_available(weight.device, dtype):
+        raise InvalidInputError(
+            f"quantized::linear_dynamic does not run on {weight.device} with {dtype}; use "
+            "int8 execution 'auto' or 'float'"
+        )
+    counts = {INT_MM: 0, QLINEAR: 0, FLOAT_ONCE: 0, DEQUANTIZE: 0}
     for name, layer in layers:
-        kind = mode
-        if mode == INT_MM and isinstance(layer, Int8Conv2d):
-            kind = FLOAT_ONCE
+        kind = _layer_kind(mode, layer)
         if kind == INT_MM:
             set_submodule(unet, name, Int8MatmulLinear(layer))
+        elif kind == QLINEAR:
+            set_submodule(unet, name, Int8DynamicLinear(layer))
         elif kind == FLOAT_ONCE:
             set_submodule(unet, name, float_layer(layer, dtype))
         counts[kind] += 1
@@ -194,15 +256,17 @@ def set_int8_execution_(unet: nn.Module, mode: str = AUTO) -> Int8ExecutionRepor
         mode,
         requested,
         int_mm_layers=counts[INT_MM],
+        qlinear_layers=counts[QLINEAR],
         float_layers=counts[FLOAT_ONCE],
         dequantize_layers=counts[DEQUANTIZE],
         reason=reason,
     )
     log.info(
-        "int8 layers run as %s (%s): %d int_mm, %d float, %d dequantize",
+        "int8 layers run as %s (%s): %d int_mm, %d qlinear_dynamic, %d float, %d dequantize",
         mode,
         reason,
         report.int_mm_layers,
+        report.qlinear_layers,
         report.float_layers,
         report.dequantize_layers,
     )
@@ -239,6 +303,18 @@ def float_layer(layer: Int8Linear | Int8Conv2d, dtype: torch.dtype) -> nn.Linear
     if bias:
         new.bias = layer.bias
     return new
+
+
+def _layer_kind(mode: str, layer: nn.Module) -> str:
+    """How one layer runs in ``mode``: int8 kernels take Linear layers only (and
+    ``"qlinear_dynamic"`` only those large enough to pay); the rest run as float."""
+    if mode not in (INT_MM, QLINEAR):
+        return mode
+    if not isinstance(layer, Int8Linear):
+        return FLOAT_ONCE
+    if mode == QLINEAR and layer.weight_int8.numel() < MIN_QLINEAR_WEIGHTS:
+        return FLOAT_ONCE
+    return mode
 
 
 def _compute_dtype(unet: nn.Module) -> torch.dtype:

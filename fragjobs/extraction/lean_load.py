@@ -3,10 +3,13 @@
 :func:`build_fragment_unet` takes the base UNet on the meta device (structure, no weights),
 replays the fragment's structural edits on it (pruned heads, low-rank factors, int8 layers:
 shapes only), then gives every tensor of the result its values: int8 weights, scales and
-low-rank factors straight from the fragment's tensors (int8 stays int8, no float copy), the
-rest from the base through a reader that returns only what is asked for, and of a pruned
-projection only the kept rows/columns. The result is the UNet that
-:func:`~fragjobs.extraction.fragment.apply_fragment_to_unet_` makes on a copy of the base.
+low-rank factors straight from the fragment's tensors, the rest from the base through a
+reader that returns only what is asked for, and of a pruned projection only the kept
+rows/columns. The int8 layers then get their execution mode
+(:mod:`fragjobs.extraction.int8_exec`: an int8 matmul where the device has a fast one, else
+dequantised once, float weights held; ``int8_execution="dequantize"`` keeps int8 only). The
+result computes what :func:`~fragjobs.extraction.fragment.apply_fragment_to_unet_` makes on
+a copy of the base (bit-identical except in ``"int_mm"``, whose activations are int8 too).
 
 Readers: :func:`module_reader` (a loaded base UNet; the fragment shares its unchanged
 tensors, copying nothing) and those of :func:`fragjobs.base_models.load_base` with ``unet=``
@@ -41,6 +44,7 @@ from fragjobs.extraction.heads import (
     load_head_pruning,
 )
 from fragjobs.extraction.int8 import INT8, INT8_TENSOR, apply_int8_, load_int8_tensors
+from fragjobs.extraction.int8_exec import AUTO, set_int8_execution_
 from fragjobs.extraction.lowrank import (
     LOW_RANK_TENSOR,
     install_low_rank_,
@@ -99,7 +103,9 @@ def empty_unet_like(unet: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def build_fragment_unet(skeleton: nn.Module, fragment: Fragment, read: UnetReader) -> nn.Module:
+def build_fragment_unet(
+    skeleton: nn.Module, fragment: Fragment, read: UnetReader, *, int8_execution: str = AUTO
+) -> nn.Module:
     """The fragment's UNet, made from the base UNet on the meta device (edited in place).
 
     Args:
@@ -108,10 +114,16 @@ def build_fragment_unet(skeleton: nn.Module, fragment: Fragment, read: UnetReade
         fragment: the fragment (its base already checked, see :func:`check_base`).
         read: the base's tensors (:data:`~fragjobs.base_models.UnetReader`); asked once,
             for exactly the tensors the fragment keeps from the base.
+        int8_execution: how int8 layers compute
+            (:func:`~fragjobs.extraction.int8_exec.set_int8_execution_`): ``"auto"`` (an
+            int8 matmul where the device has a fast one, else dequantised once at load),
+            ``"int_mm"``, ``"float"`` or ``"dequantize"`` (int8 held, dequantised per call).
+            The mode used is logged and read back with
+            :func:`~fragjobs.extraction.int8_exec.int8_execution`.
 
     Returns:
         ``skeleton``, now the fragment's UNet on the reader's device, with its base's float
-        dtype (int8 weights int8, scales as stored).
+        dtype (int8 layers as ``int8_execution`` says, scales as stored).
 
     Raises:
         FragmentIntegrityError: the fragment's tensors do not fit its manifest.
@@ -153,6 +165,7 @@ def build_fragment_unet(skeleton: nn.Module, fragment: Fragment, read: UnetReade
         low_rank_factor = from_fragment[key].startswith(LOW_RANK_TENSOR.split("{", 1)[0])
         state[key] = tensor.to(dtype) if low_rank_factor else tensor
     skeleton.load_state_dict(state, strict=True, assign=True)
+    set_int8_execution_(skeleton, int8_execution)
     schedule = caching_schedule(fragment.manifest)
     if schedule is not None:
         apply_block_caching(skeleton, schedule)
@@ -167,11 +180,14 @@ def load_fragment_pipeline(
     dtype: torch.dtype = torch.float32,
     settings: Settings | None = None,
     placement: UnetPlacement | None = None,
+    int8_execution: str = AUTO,
 ) -> LoadedBase:
     """The base pipeline ``model`` with the fragment's UNet, never holding the base UNet.
 
     The other components load as in :func:`~fragjobs.base_models.load_base`. ``placement``
-    puts diffusers' group offloading or layerwise casting on the UNet.
+    puts diffusers' group offloading or layerwise casting on the UNet; ``int8_execution``
+    is :func:`build_fragment_unet`'s (read the mode used back with
+    ``fragjobs.extraction.int8_exec.int8_execution(loaded.pipe.unet)``).
 
     Raises:
         BaseModelMismatchError: ``model`` is not the fragment's base (checked by sha256
@@ -181,7 +197,7 @@ def load_fragment_pipeline(
 
     def build(info: Any, skeleton: nn.Module, read: UnetReader) -> nn.Module:
         check_base(fragment, info)
-        return build_fragment_unet(skeleton, fragment, read)
+        return build_fragment_unet(skeleton, fragment, read, int8_execution=int8_execution)
 
     placement = placement or UnetPlacement()
     offloaded = placement.group_offload is not None

@@ -21,10 +21,13 @@ from fragjobs.extraction.int8 import (
     quantize_layers,
 )
 from fragjobs.extraction.int8_exec import (
+    MIN_QLINEAR_WEIGHTS,
+    Int8DynamicLinear,
     Int8MatmulLinear,
     choose_int8_execution,
     int8_execution,
     int_mm_available,
+    qlinear_dynamic_available,
     set_int8_execution_,
 )
 
@@ -58,6 +61,33 @@ def test_int_mm_matches_the_dequantised_path_within_two_percent():
     error = float((actual - expected).abs().max() / expected.abs().max())
     assert 0 < error < 0.02
     assert torch.equal(actual_conv, expected_conv)  # no int8 conv kernel: Conv2d runs float
+
+
+def test_qlinear_dynamic_matches_the_dequantised_path_on_large_layers_only():
+    torch.manual_seed(0)
+    side = 512  # 512 x 512 weights: at MIN_QLINEAR_WEIGHTS, the kernel's size
+    assert side * side >= MIN_QLINEAR_WEIGHTS
+    model = nn.Sequential(nn.Linear(side, side), nn.GELU(), nn.Linear(side, 32))
+    apply_int8_(model, quantize_layers(model, plan_int8(model, Int8Config(min_params=1))))
+    fast = copy.deepcopy(model)
+    report = set_int8_execution_(fast, "qlinear_dynamic")
+    assert (report.qlinear_layers, report.float_layers) == (1, 1)
+    assert isinstance(fast[0], Int8DynamicLinear) and type(fast[2]) is nn.Linear
+    x = torch.randn(2, 40, side)
+    with torch.no_grad():
+        expected, actual = model[0](x), fast[0](x)
+    # activations rounded per tensor to 7 bits: within 3 % of the largest output
+    error = float((actual - expected).abs().max() / expected.abs().max())
+    assert 0 < error < 0.03
+
+
+def test_qlinear_dynamic_is_refused_where_the_kernel_does_not_run():
+    assert qlinear_dynamic_available("cpu", torch.float32)
+    assert not qlinear_dynamic_available("cpu", torch.bfloat16)  # the kernel takes float32
+    model = _int8_model().to(torch.bfloat16)
+    with pytest.raises(InvalidInputError, match="linear_dynamic does not run on cpu"):
+        set_int8_execution_(model, "qlinear_dynamic")
+    assert set_int8_execution_(model, "auto").mode == "float"
 
 
 def test_float_once_is_bit_identical_to_dequantising_per_call():

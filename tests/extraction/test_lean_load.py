@@ -21,6 +21,7 @@ from fragjobs.extraction import (
     save_fragment,
 )
 from fragjobs.extraction.caching import BlockCachingConfig
+from fragjobs.extraction.int8_exec import int8_execution
 from fragjobs.extraction.lean_load import (
     UnetPlacement,
     build_fragment_unet,
@@ -83,7 +84,10 @@ def test_lean_pipeline_has_the_replayed_unet_and_images(base_and_fragment):
     assert fragment.manifest.compression.int8 and fragment.manifest.compression.low_rank.layers
     assert fragment.manifest.pruning.heads_kept < fragment.manifest.pruning.heads_total
     replayed = _replayed(loaded, fragment)
-    lean = load_fragment_pipeline(model, fragment, device="cpu", settings=settings)
+    lean = load_fragment_pipeline(
+        model, fragment, device="cpu", settings=settings, int8_execution="dequantize"
+    )
+    assert int8_execution(lean.pipe.unet) == "dequantize"
 
     expected, actual = replayed.state_dict(), lean.pipe.unet.state_dict()
     assert expected.keys() == actual.keys()
@@ -109,6 +113,21 @@ def test_unet_built_on_a_loaded_base_shares_its_unchanged_tensors(base_and_fragm
     assert torch.equal(
         _images(loaded.pipe, _replayed(loaded, fragment)), _images(loaded.pipe, unet)
     )
+
+
+def test_default_load_dequantises_once_on_cpu_with_the_same_images(base_and_fragment):
+    model, loaded, settings, folder = base_and_fragment
+    fragment = load_fragment_folder(folder)
+    lean = load_fragment_pipeline(model, fragment, device="cpu", settings=settings)
+    unet = lean.pipe.unet
+    # no int8 matmul is faster than float on CPU: int8 layers hold float weights
+    assert int8_execution(unet) == "float"
+    assert not [k for k in unet.state_dict() if k.endswith(".weight_int8")]
+    precision = fragment.manifest.compression.int8.precision_map
+    int8_layer = next(name for name, kind in precision.items() if kind == "int8")
+    assert unet.get_submodule(int8_layer).weight.dtype == torch.float32
+    # the dequantised values are those the per-call path computes: bit-identical images
+    assert torch.equal(_images(loaded.pipe, _replayed(loaded, fragment)), _images(lean.pipe, unet))
 
 
 def test_wrong_base_and_corrupt_file_are_refused(base_and_fragment, tmp_path):
@@ -160,6 +179,7 @@ def test_layerwise_casting_stores_float_weights_in_the_storage_dtype(base_and_fr
         device="cpu",
         settings=settings,
         placement=UnetPlacement(storage_dtype=torch.bfloat16),
+        int8_execution="dequantize",
     )
     assert cast.pipe.unet.conv_in.weight.dtype == torch.bfloat16
     int8 = [t for k, t in cast.pipe.unet.state_dict().items() if k.endswith(".weight_int8")]
