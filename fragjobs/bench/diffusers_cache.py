@@ -9,7 +9,7 @@ cache context, exposes the current timestep to the hooks that ask for it, and re
 stateful hook when a new generation starts (the timestep stops decreasing). The techniques
 themselves are diffusers' own ``apply_*`` functions, with identifiers that name UNet modules:
 
-* **TaylorSeer**: every resnet and Transformer2DModel of the down, mid and up blocks is
+* **TaylorSeer**: every resnet and transformer block of the down, mid and up blocks is
   forecast (``cache_identifiers``); its default patterns (``^transformer_blocks.*attn``)
   match nothing in a UNet.
 * **PAB**: its default ``transformer_blocks`` patterns already find the UNet's self (attn1)
@@ -38,9 +38,11 @@ from diffusers.hooks import ModelHook
 from fragjobs.errors import FragjobsError
 
 RUN_HOOK = "fragjobs_denoising_run"
+# resnets and the transformer blocks inside each Transformer2DModel: modules that return one
+# tensor (a Transformer2DModel returns a tuple its block indexes, which a forecast would break)
 UNET_BLOCKS = (
-    r"(down_blocks|up_blocks)\.\d+\.(resnets|attentions)\.\d+"
-    r"|mid_block\.(resnets|attentions)\.\d+"
+    r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)"
+    r"\.(resnets\.\d+|attentions\.\d+\.transformer_blocks\.\d+)"
 )
 
 
@@ -128,10 +130,10 @@ def cache_hooks(
 
     unet = pipe.unet
     run = DenoisingRunHook()
-    note = _apply(unet, family, setting, run, calibration)
     names = cache_hook_names(family)
-    hooked = count_hooks(unet, names)
     try:
+        note = _apply(unet, family, setting, run, calibration)
+        hooked = count_hooks(unet, names)
         if hooked == 0:
             raise PeerUnavailableError(f"{family}: diffusers hooked no module of this UNet")
         HookRegistry.check_if_exists_or_initialize(unet).register_hook(run, RUN_HOOK)
@@ -161,7 +163,7 @@ def _apply(unet, family: str, setting: str, run: DenoisingRunHook, calibration: 
                 cache_identifiers=[UNET_BLOCKS],
             ),
         )
-        return f"forecast every resnet and attention block, interval {interval}, order {order or 1}"
+        return f"forecast resnets and transformer blocks, interval {interval}, order {order or 1}"
     if family == "pab":
         skip = int(setting)
         dh.apply_pyramid_attention_broadcast(
@@ -264,19 +266,22 @@ def calibrate_magcache(pipe: Any, steps: int, generate: Callable[[Any], Any]) ->
         for name, module in modules
     ]
     logger = logging.getLogger("diffusers.hooks.mag_cache")
-    handler, level = Capture(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    handler, level, propagate = Capture(), logger.level, logger.propagate
     run = DenoisingRunHook()
     try:
         for _name, module in modules:
             dh.apply_mag_cache(module, dh.MagCacheConfig(calibrate=True, num_inference_steps=steps))
         HookRegistry.check_if_exists_or_initialize(unet).register_hook(run, RUN_HOOK)
+        # the ratios are logged at INFO and printed: read the log record, keep both quiet
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
         with contextlib.redirect_stdout(None):
             generate(pipe)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
         for handle in handles:
             handle.remove()
         registry = HookRegistry.check_if_exists_or_initialize(unet)

@@ -7,7 +7,12 @@ import importlib.util
 import pytest
 import torch
 
-from fragjobs.bench.diffusers_cache import RUN_HOOK, PeerUnavailableError, count_hooks
+from fragjobs.bench.diffusers_cache import (
+    RUN_HOOK,
+    PeerUnavailableError,
+    count_hooks,
+    transformer_models,
+)
 from fragjobs.bench.peers import PEERS, calibrate_peer, describe_peer, parse_peer, peer_pipeline
 from fragjobs.errors import InvalidInputError
 
@@ -73,7 +78,8 @@ def test_magcache_is_calibrated_per_transformer_model_on_the_given_run(shapes):
         pipe, "magcache_0.1", gen.steps, lambda p: generate_images(p, PROMPT, [0, 1], gen)
     )
     assert calibration["steps"] == gen.steps
-    assert len(calibration["ratios"]) == 7  # shapes: 3 down, 1 mid, 3 up Transformer2DModels
+    modules = [name for name, _ in transformer_models(pipe.unet)]
+    assert sorted(calibration["ratios"]) == sorted(modules) and len(modules) == 10  # 3+1+6
     for ratios in calibration["ratios"].values():
         assert len(ratios) == gen.steps and ratios[0] == 1.0 and all(r > 0 for r in ratios)
     assert calibrate_peer(pipe, "pab_2", gen.steps, lambda p: None) is None
