@@ -1,8 +1,11 @@
 """int8 weight storage with per-output-channel scales.
 
 A quantised layer keeps ``weight_int8`` (int8) and ``weight_scale`` (float, one per output
-channel) and dequantises on the fly, so the loaded fragment holds a quarter of the weight
-bytes. Symmetric rounding bounds the error per weight by ``scale / 2 = max|w_row| / 254``.
+channel) and dequantises on the fly, so it holds a quarter of the weight bytes but is slower
+than float (a float copy per call). A loaded fragment's layers are then set to compute as the
+device allows (:mod:`fragjobs.extraction.int8_exec`: an int8 matmul where one is faster,
+else dequantised once); the stored format is the same whatever runs it. Symmetric rounding
+bounds the error per weight by ``scale / 2 = max|w_row| / 254``.
 The float weights are gone afterwards: :func:`remove_int8` refuses; reload the base model.
 
 In a fragment file each quantised layer stores ``INT8_TENSOR`` (``int8.{layer}.{part}``) with
