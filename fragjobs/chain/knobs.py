@@ -53,7 +53,9 @@ class ChainKnobs:
         threshold: fraction of attention heads kept, in (0, 1].
         fidelity: SSIM against the full model the fragment keeps on every profiling seed,
             in (0, 1]; head pruning may spend half of the loss, block caching the rest.
-        low_rank, int8, caching: whether each technique is used.
+        low_rank, int8, caching: whether each technique is used. Low-rank is off by
+            default: it factorises no layer of ``shapes`` and did not pay in time on
+            ``sd15-shape`` (issue 16), while its SVDs lengthen every extraction.
         head_guard: whether head pruning keeps more heads while it loses more than half of
             the fidelity budget (False prunes exactly ``threshold``).
         min_heads_per_layer: heads every attention module keeps.
@@ -70,7 +72,7 @@ class ChainKnobs:
     model: str
     threshold: float = DEFAULT_THRESHOLD
     fidelity: float = DEFAULT_FIDELITY
-    low_rank: bool = True
+    low_rank: bool = False
     int8: bool = True
     caching: bool = True
     head_guard: bool = True
@@ -172,7 +174,7 @@ def extraction_config(
     *,
     min_heads_per_layer: int = 1,
     rank_margin: float = 0.25,
-    low_rank: bool = True,
+    low_rank: bool = False,
     int8: bool = True,
     caching: bool = True,
     fidelity: float = DEFAULT_FIDELITY,
