@@ -19,10 +19,13 @@ this module decides, once per loaded UNet, how those layers run:
 - ``"dequantize"``: keep int8 and dequantise on every call (the storage format's own
   modules): the least memory, 4-15 % slower than float on CPU.
 
-``"auto"`` (the default) picks ``"int_mm"`` only where it is measured faster than float
-(:data:`FAST_INT_MM_DEVICES`), else ``"float"``. On the 2-core AVX2 CPU this was built on,
-``torch._int_mm``, torchao's int8 configs and ``quantize_dynamic`` were all slower than
-float32 (see docs in the report of issue 16), so CPU runs ``"float"``.
+``"auto"`` (the default) picks ``"int_mm"`` only on devices where it was measured faster
+than float (:data:`FAST_INT_MM_DEVICES`), else ``"float"``. Measured on a 2-core AVX2 CPU
+(no VNNI), one thread, per Linear layer against float32: ``torch._int_mm`` 0.01-0.04x,
+torchao 0.18's int8 weight-only 0.5-1.0x and dynamic W8A8 0.01-0.04x (it calls
+``_int_mm``), ``quantize_dynamic``'s kernel 0.16x on 128x128 but 1.2-2.2x on layers of
+320x2560 and 640x640 (hence ``"qlinear_dynamic"``, not chosen by ``"auto"``: it changes the
+images the fragment was validated with, and was not measured end to end on a large model).
 
 Example::
 
