@@ -1,4 +1,7 @@
-"""The whole chain on tiny-sd, embedded: files, rows, integrity, fallbacks and bad input."""
+"""The whole chain on tiny-sd, embedded: files, rows, integrity, fallbacks and bad input.
+
+The end-to-end run and the integrity checks (flipped byte, wrong base, truncated, rehashed or
+missing file) run on each UNet family's tiny built-in: tiny-sd and tiny-sdxl."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from fragjobs import chain
 from fragjobs.base_models import BaseModelInfo, load_base
 from fragjobs.errors import (
     BaseModelMismatchError,
+    FragjobsError,
     FragmentIntegrityError,
     InvalidInputError,
     InvalidKeyError,
+    ManifestError,
     NotFoundError,
     UnknownModelError,
 )
@@ -24,12 +29,19 @@ from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object
 
 PROMPT = "a dog on a jet ski"
 STATUSES = {"PASS", "WARN", "FAIL", "UNAVAILABLE"}
+MODELS = ["tiny-sd", "tiny-sdxl"]
+
+
+@pytest.fixture(params=MODELS)
+def model(request) -> str:
+    """Each UNet family's tiny built-in."""
+    return request.param
 
 
 @pytest.fixture
-def report(ws, tmp_path):
+def report(ws, tmp_path, model):
     return chain.run(
-        PROMPT, model="tiny-sd", variants=3, out_dir=tmp_path / "out", ws=ws, progress=False
+        PROMPT, model=model, variants=3, out_dir=tmp_path / "out", ws=ws, progress=False
     )
 
 
@@ -37,7 +49,7 @@ def _objects(ws):
     return ws.store.list("")
 
 
-def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path):
+def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path, model):
     out = report.out_dir  # a report folder of its own under --out
     assert out.parent == tmp_path / "out" and re.fullmatch(r"\d{4}-\d\d-\d\d_\d{4}", out.name)
     for name in (
@@ -94,7 +106,7 @@ def test_run_writes_every_report_file_and_catalog_row(report, ws, tmp_path):
     assert lineage["profile_id"] == manifest["profiling"]["profile_id"]
     assert len(ws.catalog.list_images(report.generation.job_id)) == 3
     names = _objects(ws)
-    assert fragment_object("tiny-sd", report.key, FRAGMENT_FILE) in names
+    assert fragment_object(model, report.key, FRAGMENT_FILE) in names
     assert any(n.endswith("/stats.safetensors") for n in names)
 
 
@@ -110,8 +122,8 @@ def test_steps_are_idempotent(ws):
     assert len(ws.catalog.list_fragments()) == 1
 
 
-def _validated_fragment(ws, threshold=1.0, caching=False):
-    prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
+def _validated_fragment(ws, threshold=1.0, caching=False, model="tiny-sd"):
+    prof = chain.profile(PROMPT, model=model, ws=ws, progress=False)
     config = chain.extraction_config(threshold, int8=False, caching=caching, head_guard_on=False)
     ext = chain.extract(prof.profile_id, config, ws=ws)
     return chain.validate(ext.key, ws=ws, progress=False)
@@ -126,17 +138,15 @@ def test_all_heads_fragment_matches_full_model_and_is_used(ws):
     assert ws.catalog.get_fragment(val.key).hit_count == 1
 
 
-def test_flipped_byte_is_detected_and_generation_falls_back(ws, caplog):
-    val = _validated_fragment(ws)
-    name = fragment_object("tiny-sd", val.key, FRAGMENT_FILE)
+def test_flipped_byte_is_detected_and_generation_falls_back(ws, caplog, model):
+    val = _validated_fragment(ws, model=model)
+    name = fragment_object(model, val.key, FRAGMENT_FILE)
     path = ws.store.root / name
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with caplog.at_level("WARNING", logger="fragjobs"):
-        result = chain.generate(
-            PROMPT, variants=2, model="tiny-sd", key=val.key, ws=ws, progress=False
-        )
+        result = chain.generate(PROMPT, variants=2, model=model, key=val.key, ws=ws, progress=False)
     assert result.used_fallback and result.fragment_key is None
     assert "corrupt" in result.fallback_reason
     assert "falling back" in caplog.text
@@ -210,9 +220,9 @@ def test_validate_reference_must_match_the_seeds(ws):
     assert ws.catalog.get_fragment(ext.key).status == "building"  # nothing recorded
 
 
-def test_apply_fragment_to_own_pipeline(ws, tmp_path):
-    val = _validated_fragment(ws, threshold=0.5)
-    pipe = load_base("tiny-sd").pipe
+def test_apply_fragment_to_own_pipeline(ws, tmp_path, model):
+    val = _validated_fragment(ws, threshold=0.5, model=model)
+    pipe = load_base(model).pipe
     manifest = chain.apply_fragment_(pipe, val.key, ws=ws)
     assert manifest.key == val.key
     images = pipe(
@@ -225,26 +235,26 @@ def test_apply_fragment_to_own_pipeline(ws, tmp_path):
     ).images
     assert torch.allclose(images[0], val.fragment_images[0], atol=1e-4)
 
-    other = load_base("tiny-sd").pipe
+    other = load_base(model).pipe
     info = other._fragjobs_base
-    other._fragjobs_base = BaseModelInfo("tiny-sd", "0" * 64, info.source, 64, 64, 10)
-    with pytest.raises(BaseModelMismatchError, match="was made from tiny-sd"):
+    other._fragjobs_base = BaseModelInfo(model, "0" * 64, info.source, 64, 64, 10)
+    with pytest.raises(BaseModelMismatchError, match=f"was made from {model}"):
         chain.apply_fragment_(other, val.key, ws=ws)
 
-    from fragjobs.builtin.configs import build_tiny_sd
+    from fragjobs.builtin import BUILTINS
 
     with pytest.raises(UnknownModelError, match="cannot identify"):
-        chain.apply_fragment_(build_tiny_sd(), val.key, ws=ws)
+        chain.apply_fragment_(BUILTINS[model].build(), val.key, ws=ws)
 
 
-def test_truncated_or_rehashed_fragment_folder_is_refused(ws, tmp_path):
-    val = _validated_fragment(ws, threshold=0.5)
+def test_truncated_rehashed_or_missing_fragment_file_is_refused(ws, tmp_path, model):
+    val = _validated_fragment(ws, threshold=0.5, model=model)
     folder = tmp_path / "frag"
     folder.mkdir()
     for filename in (FRAGMENT_FILE, MANIFEST_FILE):
-        name = fragment_object("tiny-sd", val.key, filename)
+        name = fragment_object(model, val.key, filename)
         (folder / filename).write_bytes(ws.store.get_bytes(name))
-    pipe = load_base("tiny-sd").pipe
+    pipe = load_base(model).pipe
     data = (folder / FRAGMENT_FILE).read_bytes()
     (folder / FRAGMENT_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(FragmentIntegrityError, match="does not match its manifest"):
@@ -255,6 +265,12 @@ def test_truncated_or_rehashed_fragment_folder_is_refused(ws, tmp_path):
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(FragmentIntegrityError):
         chain.apply_fragment_(pipe, folder)
+    (folder / FRAGMENT_FILE).unlink()
+    with pytest.raises(ManifestError, match="cannot read fragment folder"):
+        chain.apply_fragment_(pipe, folder)
+    ws.store.delete(fragment_object(model, val.key, FRAGMENT_FILE))  # missing from the store
+    with pytest.raises(FragjobsError):
+        chain.load_stored_fragment(val.key, ws)
 
 
 @pytest.mark.parametrize(
@@ -272,7 +288,11 @@ def test_truncated_or_rehashed_fragment_folder_is_refused(ws, tmp_path):
         ({"profile_seeds": [-1, 2]}, InvalidInputError, "seed"),
         ({"profile_seeds": ["a"]}, InvalidInputError, "seed"),
         ({"validation_seeds": []}, InvalidInputError, "empty"),
-        ({"model": "no-such-model"}, UnknownModelError, "Available: sd15-shape, shapes, tiny-sd"),
+        (
+            {"model": "no-such-model"},
+            UnknownModelError,
+            "Available: sd15-shape, sdxl-shape, shapes, tiny-sd, tiny-sdxl",
+        ),
         ({"model": "/no/such/folder"}, UnknownModelError, "unknown model"),
     ],
 )
