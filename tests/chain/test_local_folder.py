@@ -10,13 +10,14 @@ import pytest
 from fragjobs import chain
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A diffusers folder written by ``save_pretrained`` (tiny-sd's architecture)."""
-    from fragjobs.builtin.configs import build_tiny_sd
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
+def model_folder(request, tmp_path_factory):
+    """A diffusers folder written by ``save_pretrained``: tiny-sd's architecture (SD 1.x),
+    then tiny-sdxl's (StableDiffusionXLPipeline)."""
+    from fragjobs.builtin import BUILTINS
 
     folder = tmp_path_factory.mktemp("models") / "my-sd-folder"
-    build_tiny_sd().save_pretrained(folder)
+    BUILTINS[request.param].build().save_pretrained(folder)
     return folder
 
 
