@@ -5,8 +5,10 @@ with paraphrases of the prompt for H3, and tests the seed's central claim — th
 own* profile is what makes a fragment good — by pruning the same number of heads chosen from
 (a) the prompt's own profile, (b) another prompt's profile, (c) a model-level profile (head
 scores averaged over all prompts) and (d) random scores, then comparing each with the full
-model on the same seeds (SSIM). Writes ``docs/results.md``, ``docs/results.json``,
-``docs/results.html`` (the reports' index page with trend plots and the ablation) and one
+model on the same seeds (SSIM); the same question for the caching schedule, where a
+fragment's speed comes from, is :mod:`fragjobs.bench.schedule_ablation`. Writes
+``docs/results.md``, ``docs/results.json``, ``docs/results.html`` (the reports' index page
+with trend plots and both ablations) and one
 report folder per prompt under ``docs/results/`` (the same report builder as ``fragjobs
 run``: metrics, plots, images, ``index.html``).
 """
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 
 from fragjobs import chain
+from fragjobs.bench import schedule_report
+from fragjobs.bench.schedule_ablation import schedule_ablation_document
 from fragjobs.extraction import HeadPruningConfig, apply_head_pruning_
 from fragjobs.generation import GenerationConfig, generate_images, with_unet
 from fragjobs.reports.folders import read_report
@@ -180,12 +184,21 @@ def build_results(
             flush=True,
         )
     rows = ablation(model, profiles, keep_ratio, ws)
+    loaded = chain.base(model, ws.settings)
+    schedules = schedule_ablation_document(
+        loaded.pipe,
+        profiles,
+        height=loaded.info.height,
+        width=loaded.info.width,
+        run_summaries=[r.summary for r in reports],
+    )
     results = {
         "model": model,
         "machine": f"{platform.machine()}, torch {torch.__version__}",
         "command": f"fragjobs results --out {out}",
         "runs": runs,
         "ablation": rows,
+        "schedule_ablation": schedules,
         "keep_ratio": keep_ratio,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -195,7 +208,10 @@ def build_results(
         reports_root,
         reports=reports,
         title=f"fragjobs results on {model}",
-        sections=[ablation_section(results)],
+        sections=[
+            ablation_section(results),
+            schedule_report.html_section(results["schedule_ablation"]),
+        ],
         out=out / "results.html",
     )
     return results
@@ -295,10 +311,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| **mean** | "
         + " | ".join(f"**{means[k]:.4f}**" for k in ("own", "other", "model_level", "random"))
         + " |",
-        "",
-        "## Side by side (full model above, fragment below, validation seeds)",
-        "",
     ]
+    if "schedule_ablation" in results:
+        lines += schedule_report.markdown_section(results["schedule_ablation"])
+    lines += ["", "## Side by side (full model above, fragment below, validation seeds)", ""]
     for run in runs:
         lines += [
             f"**{run['prompt']}** (`{run['key']}`)",
