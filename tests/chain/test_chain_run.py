@@ -228,6 +228,7 @@ def test_apply_fragment_to_own_pipeline(ws, tmp_path, model):
     images = pipe(
         PROMPT,
         num_inference_steps=manifest.profiling.steps,
+        guidance_scale=manifest.profiling.guidance_scale,  # SDXL's pipelines default to 5.0
         height=64,
         width=64,
         generator=torch.Generator().manual_seed(val.seeds[0]),
