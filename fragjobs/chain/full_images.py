@@ -5,9 +5,9 @@ latents in the profile (``stats.safetensors``); validation generates its held-ou
 the full model and keeps their final latents beside the profile
 (``profiles/<profile-id>/full_model_<seed>.safetensors``). Both are the full model's images,
 the reference a fragment is judged against, so a chain delivers them as its first variants
-and the fragment generates only the rest (:func:`variant_seeds`); a later validation of the
-same prompt, settings and seeds (a rerun, a revalidation) decodes them instead of generating
-them again (:func:`full_model_images`).
+and the fragment generates only the rest (:func:`fragjobs.chain.knobs.variant_seeds`); a later
+validation of the same prompt, settings and seeds (a rerun, a revalidation) decodes them
+instead of generating them again (:func:`full_model_images`).
 
 A stored image is used only for the base (sha256), prompt (normalised), steps, guidance and
 size it was made with (:class:`FullImageSpec`); each kept file carries them and the sha256 of
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fragjobs.errors import IntegrityError, InvalidInputError, ObjectNotFoundError
 from fragjobs.generation import GenerationConfig, decode_latents
-from fragjobs.keys import PROFILE_STATS_FILE, check_seeds, normalise_prompt, profile_object
+from fragjobs.keys import PROFILE_STATS_FILE, normalise_prompt, profile_object
 
 log = logging.getLogger("fragjobs")
 
@@ -66,33 +66,6 @@ class FullImageSpec:
 def full_image_object(profile_id: str, seed: int) -> str:
     """``profiles/<profile-id>/full_model_<seed>.safetensors``."""
     return profile_object(profile_id, f"full_model_{int(seed)}.safetensors")
-
-
-def variant_seeds(
-    profile_seeds: list[int] | tuple[int, ...],
-    validation_seeds: list[int] | tuple[int, ...],
-    variants: int,
-) -> list[int]:
-    """The seeds of a chain's ``variants`` images, none twice.
-
-    The profiling seeds first, then the validation seeds (the full model made both), then
-    the smallest seeds not among either, for the fragment; only the first ``variants``.
-
-    Example::
-
-        >>> variant_seeds([0, 1], [1000], 5)
-        [0, 1, 1000, 2, 3]
-        >>> variant_seeds([0, 1, 2, 3], [1000, 1001], 3)
-        [0, 1, 2]
-    """
-    made = list(dict.fromkeys([*check_seeds(list(profile_seeds)), *validation_seeds]))
-    seeds = made[:variants]
-    used, candidate = set(made), 0
-    while len(seeds) < variants:
-        if candidate not in used:
-            seeds.append(candidate)
-        candidate += 1
-    return seeds
 
 
 def stored_full_latents(

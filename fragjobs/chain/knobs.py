@@ -210,3 +210,30 @@ def extraction_config(
         int8=Int8Config() if int8 else None,
         caching=BlockCachingConfig(min_ssim=fidelity) if caching else None,
     )
+
+
+def variant_seeds(
+    profile_seeds: list[int] | tuple[int, ...],
+    validation_seeds: list[int] | tuple[int, ...],
+    variants: int,
+) -> list[int]:
+    """The seeds of a chain's ``variants`` images, none twice.
+
+    The profiling seeds first, then the validation seeds (the full model made both), then
+    the smallest seeds not among either, for the fragment; only the first ``variants``.
+
+    Example::
+
+        >>> variant_seeds([0, 1], [1000], 5)
+        [0, 1, 1000, 2, 3]
+        >>> variant_seeds([0, 1, 2, 3], [1000, 1001], 3)
+        [0, 1, 2]
+    """
+    made = list(dict.fromkeys([*check_seeds(list(profile_seeds)), *validation_seeds]))
+    seeds = made[:variants]
+    used, candidate = set(made), 0
+    while len(seeds) < variants:
+        if candidate not in used:
+            seeds.append(candidate)
+        candidate += 1
+    return seeds

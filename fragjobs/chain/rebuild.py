@@ -72,7 +72,11 @@ def _technique(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _asdict(config: Any) -> dict[str, Any] | None:
-    return None if config is None else asdict(config)
+    """A technique's config as its key records it (``params()`` where the config has one:
+    block caching leaves out the routing switches that are off)."""
+    if config is None:
+        return None
+    return config.params() if hasattr(config, "params") else asdict(config)
 
 
 def rebuild_evicted(ws: Workspace, key: str, *, model: str | None = None) -> FragmentEntity:

@@ -3,7 +3,7 @@
 Nothing the chain computes for the variants is wasted: the full model's images of the
 profiling seeds and of the validation seeds are the first variants delivered, and the
 fragment generates only the rest, on seeds neither step used
-(:func:`~fragjobs.chain.full_images.variant_seeds`). Break-even (H5) counts the seconds of
+(:func:`~fragjobs.chain.knobs.variant_seeds`). Break-even (H5) counts the seconds of
 profile + extract + validate beyond delivering those images, each credited at the full
 model's per-image time (:mod:`fragjobs.validation.break_even`), with the seed's definition
 (all of it) beside it. The latency measurement and the memory probe are measurements for the
@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 
 from fragjobs.base_models import LoadedBase, model_source
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment, record_performance
-from fragjobs.chain.full_images import variant_seeds
 from fragjobs.chain.generate_step import GenerationResult, generate
-from fragjobs.chain.knobs import ChainKnobs
+from fragjobs.chain.knobs import ChainKnobs, variant_seeds
 from fragjobs.chain.ladder import extract_and_validate
 from fragjobs.chain.profile_step import profile
 from fragjobs.chain.reuse import measure_reuse

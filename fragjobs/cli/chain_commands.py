@@ -116,12 +116,12 @@ def profile(prompt, model, seeds, steps, step_stride):
     help="Fraction of attention heads kept, in (0, 1] [FRAGJOBS_DEFAULT_THRESHOLD: 0.75].",
 )
 @click.option("--min-heads", default=1, show_default=True, type=int)
-@click.option("--no-low-rank", is_flag=True)
+@click.option("--low-rank/--no-low-rank", default=None, help="[default: off]")
 @click.option("--no-int8", is_flag=True)
 @click.option("--no-caching", is_flag=True)
 @click.option("--fidelity", default=None, type=float, help="[FRAGJOBS_DEFAULT_FIDELITY: 0.9]")
 @fail_cleanly
-def extract(profile_id, threshold, min_heads, no_low_rank, no_int8, no_caching, fidelity):
+def extract(profile_id, threshold, min_heads, low_rank, no_int8, no_caching, fidelity):
     """Extract the fragment of PROFILE_ID; print its key."""
     from fragjobs.chain.knobs import ChainKnobs
     from fragjobs.keys import validate_key
@@ -130,7 +130,7 @@ def extract(profile_id, threshold, min_heads, no_low_rank, no_int8, no_caching, 
     knobs = ChainKnobs.from_settings(
         threshold=threshold,
         min_heads_per_layer=min_heads,
-        low_rank=not no_low_rank,
+        low_rank=low_rank,
         int8=not no_int8,
         caching=not no_caching,
         fidelity=fidelity,

@@ -46,7 +46,12 @@ _KNOB_OPTIONS = [
         type=float,
         help="Fraction of attention heads kept, in (0, 1] [FRAGJOBS_DEFAULT_THRESHOLD: 0.75].",
     ),
-    click.option("--no-low-rank", is_flag=True, help="Do not factorise linear layers."),
+    click.option(
+        "--low-rank/--no-low-rank",
+        default=None,
+        help="Factorise linear layers where it pays (default: off; no layer qualified on the "
+        "built-ins).",
+    ),
     click.option("--no-int8", is_flag=True, help="Keep weights in float."),
     click.option("--no-caching", is_flag=True, help="No block-caching schedule."),
     click.option(
@@ -77,7 +82,7 @@ KNOB_PARAMS = (
     "model",
     "variants",
     "threshold",
-    "no_low_rank",
+    "low_rank",
     "no_int8",
     "no_caching",
     "fidelity",
@@ -98,7 +103,7 @@ def knobs_from_options(options: dict[str, Any], **more: Any) -> Any:
         variants=options["variants"],
         threshold=options["threshold"],
         fidelity=options["fidelity"],
-        low_rank=not options["no_low_rank"],
+        low_rank=options["low_rank"],
         int8=not options["no_int8"],
         caching=not options["no_caching"],
         paraphrases=list(options["paraphrases"]),

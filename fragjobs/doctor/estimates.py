@@ -20,7 +20,7 @@ FLOAT_BYTES = 4
 MAX_BATCH = 1024
 """The largest batch :class:`fragjobs.generation.GenerationConfig` accepts."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
-_COMPONENTS = ("unet", "text_encoder", "vae")
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 
 @dataclass(frozen=True)

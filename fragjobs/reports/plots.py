@@ -102,7 +102,20 @@ def _cumulative(ax: Axes, performance: dict[str, Any], full: float, frag: float)
         bottom += parts[key]
     if break_even is not None:
         ax.axvline(break_even, color="#333", linestyle=":", linewidth=1)
-        ax.set_title(f"cumulative time: break-even after {break_even:.1f} images")
+        title = f"cumulative time: all overhead pays back after {break_even:.1f} images"
+        delivered = performance.get("delivered_full_model_images")
+        if performance.get("chain_s") is not None and delivered:
+            from fragjobs.validation.break_even import break_even_delivered
+
+            counted = break_even_delivered(
+                performance["chain_s"], delivered, full / 1000.0, frag / 1000.0
+            )
+            if counted is not None:
+                title += (
+                    f"\n(break-even {counted:.1f}, counting {delivered} delivered "
+                    "full-model images)"
+                )
+        ax.set_title(title, fontsize=9)
     else:
         ax.set_title("cumulative time: the fragment is not faster, never pays back")
     if performance.get("profile_reused") or performance.get("fragment_reused"):

@@ -13,7 +13,8 @@ from PIL import Image
 
 from fragjobs import chain
 from fragjobs.chain.delivery import generate_message
-from fragjobs.chain.full_images import full_image_object, variant_seeds
+from fragjobs.chain.full_images import full_image_object
+from fragjobs.chain.knobs import variant_seeds
 from fragjobs.chain.validate_step import fragment_base, generation_config
 from fragjobs.errors import InvalidInputError
 from fragjobs.generation import generate_images

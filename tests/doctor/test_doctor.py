@@ -227,7 +227,7 @@ def test_cuda_asked_for_but_absent_fails_and_is_fine_on_cpu():
 def test_capacity_names_the_largest_model_that_fits_and_fails_when_the_default_does_not():
     roomy = checks.check_capacity(Settings(device="cpu", memory_budget_mb=64 * 1024))
     assert roomy.status == OK
-    assert "largest built-in that fits is sd15-shape" in roomy.detail
+    assert "largest built-in that fits is sdxl-shape" in roomy.detail
     assert "estimated" in roomy.detail
     tiny = checks.check_capacity(Settings(device="cpu", memory_budget_mb=1, default_model="shapes"))
     assert tiny.status == FAIL and tiny.needed and "shapes does not fit" in tiny.detail
