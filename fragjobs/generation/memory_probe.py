@@ -15,6 +15,9 @@ one batch and prints one JSON object:
 * ``rss_peak_bytes``: the process's peak RSS (``VmHWM``) minus the same baseline: loading,
   building the fragment's UNet and the batch;
 * ``unet_bytes``: parameter and buffer bytes of the UNet it generated with;
+* ``int8_execution``: how a fragment's int8 layers computed
+  (:func:`fragjobs.extraction.int8_exec.set_int8_execution_`; ``float``: dequantised once at
+  load, so they hold float weights), null without int8 layers;
 * ``cuda_max_allocated_bytes``: on a GPU, CUDA max allocated over load and batch, else null;
 * ``cuda_batch_max_allocated_bytes``: on a GPU, CUDA max allocated during the batch alone
   (peak statistics reset once the model is loaded and the fragment applied), else null.
@@ -110,6 +113,7 @@ def probe(
     import torch
     import transformers
 
+    from fragjobs.extraction.int8_exec import int8_execution
     from fragjobs.generation.generate import generate_images
     from fragjobs.generation.memory import (
         peak_rss_bytes,
@@ -160,6 +164,7 @@ def probe(
         "rss_held_trimmed_bytes": process_rss_bytes() - baseline,
         "rss_peak_bytes": peak - baseline,
         "unet_bytes": weight_bytes(pipe.unet),
+        "int8_execution": int8_execution(pipe.unet),
         "cuda_max_allocated_bytes": None if not cuda else max(whole_process, batch_peak),
         "cuda_batch_max_allocated_bytes": batch_peak,
     }

@@ -92,7 +92,11 @@ def test_memory_probe_replays_the_saved_fragment_in_its_own_process(tmp_path):
     full = measure("tiny-sd", **common)
     int8 = measure("tiny-sd", fragment_dir=tmp_path / "int8", **common)
     assert full["unet_bytes"] == weight_bytes(loaded.pipe.unet)
-    assert int8["unet_bytes"] == weight_bytes(unet) < 0.6 * full["unet_bytes"]
+    assert weight_bytes(unet) < 0.6 * full["unet_bytes"]  # stored and extracted as int8
+    # loaded on a CPU, int8 layers are dequantised once (no faster int8 matmul here): the
+    # probe measures the float weights they then hold, the memory trade of issue 16.2
+    assert int8["int8_execution"] == "float" and full["int8_execution"] is None
+    assert int8["unet_bytes"] == full["unet_bytes"]
     assert int8["fragment"] == str(tmp_path / "int8") and full["fragment"] is None
     assert full["rss_held_bytes"] > full["unet_bytes"]  # the weights are resident, and more
 
