@@ -65,6 +65,7 @@ def footprint(name: str) -> ModelFootprint:
         weights = sum(
             t.numel() * t.element_size()
             for component in _COMPONENTS
+            if getattr(pipe, component, None) is not None
             for t in [*getattr(pipe, component).parameters(), *getattr(pipe, component).buffers()]
         )
     from fragjobs.generation.budget import estimate_from_configs
