@@ -214,9 +214,11 @@ def test_validate_reference_must_match_the_seeds(ws):
     prof = chain.profile(PROMPT, model="tiny-sd", ws=ws, progress=False)
     ext = chain.extract(prof.profile_id, chain.extraction_config(1.0, caching=False), ws=ws)
     with pytest.raises(InvalidInputError, match="reference"):
-        chain.validate(ext.key, seeds=[1, 2], ws=ws, reference=torch.zeros(1, 3, 64, 64))
+        chain.validate(ext.key, seeds=[1000, 1001], ws=ws, reference=torch.zeros(1, 3, 64, 64))
     with pytest.raises(InvalidInputError, match="reference"):
-        chain.validate(ext.key, seeds=[1], ws=ws, reference=torch.zeros(1, 3, 8, 8))
+        chain.validate(ext.key, seeds=[1000], ws=ws, reference=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(InvalidInputError, match="held out"):  # a profiling seed
+        chain.validate(ext.key, seeds=[prof.profile.config.seeds[0]], ws=ws)
     assert ws.catalog.get_fragment(ext.key).status == "building"  # nothing recorded
 
 
