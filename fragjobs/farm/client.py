@@ -414,10 +414,7 @@ class Farm:
             raise InvalidInputError(f"affinity must be true or false, got {affinity!r}")
         if queue is not None and not _QUEUE_PATTERN.match(str(queue)):
             raise InvalidInputError(f"queue must be a queue name such as gpu.n1.0, got {queue!r}")
-        if seeds is None:  # the chain's own order: profiling, validation, then new seeds
-            from fragjobs.chain.knobs import variant_seeds
-
-            seeds = variant_seeds(knobs.profile_seeds, knobs.validation_seeds, knobs.variants)
+        seeds = seeds if seeds is not None else list(range(knobs.variants))
         knobs = knobs.replace(model=self._check_model(knobs.model))
         model = knobs.model
         message_knobs = knobs.to_json()
