@@ -171,7 +171,11 @@ def test_a_farm_runs_report_reads_what_the_workers_stored(run_folder: Path) -> N
     for name in ("H2", "H4", "H5"):
         assert farm["hypotheses"][name]["status"] == "UNAVAILABLE"
         assert NOT_MEASURED_ON_FARM in farm["hypotheses"][name]["reason"]
-    assert sorted(p.name for p in (folder / "images").iterdir()) == ["0.png", "1.png"]
+    delivered = summary["delivery"]["seeds"]  # the run's: profiling, validation, then fragment
+    assert len(delivered) == 2
+    assert sorted(p.name for p in (folder / "images").iterdir()) == sorted(
+        f"{seed}.png" for seed in delivered
+    )
     assert (folder / "profiling_raw.parquet").is_file() and not (folder / "compare.png").exists()
     assert any("compare.png not written" in note for note in farm["notes"])
     diff = json.loads((folder / "regression_diff.json").read_text())
