@@ -26,10 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from tqdm.auto import tqdm
 
 from fragjobs.errors import IntegrityError, InvalidInputError, ObjectNotFoundError
 from fragjobs.generation import GenerationConfig, decode_latents
+from fragjobs.generation.generate import generate_latents
 from fragjobs.keys import PROFILE_STATS_FILE, normalise_prompt, profile_object
 
 log = logging.getLogger("fragjobs")
@@ -114,23 +114,7 @@ def full_model_latents(
 ) -> torch.Tensor:
     """The full model's final latents of ``seeds``, ``gen.batch_size`` at a time (each seed
     from its own generator, as :func:`fragjobs.generation.generate_images` makes images)."""
-    out = []
-    with tqdm(total=len(seeds), desc=desc, disable=not progress, unit="img") as bar:
-        for start in range(0, len(seeds), gen.batch_size):
-            batch = seeds[start : start + gen.batch_size]
-            latents = pipe(
-                prompt,
-                num_inference_steps=gen.steps,
-                guidance_scale=gen.guidance_scale,
-                height=gen.height,
-                width=gen.width,
-                num_images_per_prompt=len(batch),
-                generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
-                output_type="latent",
-            ).images
-            out.append(latents.detach().float().cpu())
-            bar.update(len(batch))
-    return torch.cat(out)
+    return generate_latents(pipe, prompt, seeds, gen, progress=progress, desc=desc)
 
 
 def decode_in_batches(pipe: Any, latents: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +66,42 @@ def generate_images(
     """
     normalise_prompt(prompt)
     seeds = check_seeds(seeds)
-    out = []
+    batches = _pipeline_batches(pipe, prompt, seeds, config, "pt", progress, desc)
+    return torch.cat([images.float().cpu().clamp(0, 1) for images in batches])
+
+
+@torch.no_grad()
+def generate_latents(
+    pipe: Any,
+    prompt: str,
+    seeds: list[int],
+    config: GenerationConfig,
+    *,
+    progress: bool = False,
+    desc: str = "generate",
+) -> torch.Tensor:
+    """The final latents of one image per seed (before decoding), as :func:`generate_images`
+    makes them: ``config.batch_size`` at a time, each seed from its own generator."""
+    normalise_prompt(prompt)
+    seeds = check_seeds(seeds)
+    batches = _pipeline_batches(pipe, prompt, seeds, config, "latent", progress, desc)
+    return torch.cat([latents.detach().float().cpu() for latents in batches])
+
+
+def _pipeline_batches(
+    pipe: Any,
+    prompt: str,
+    seeds: list[int],
+    config: GenerationConfig,
+    output_type: str,
+    progress: bool,
+    desc: str,
+) -> Iterator[torch.Tensor]:
+    """The pipeline's output for ``seeds``, one batch of ``config.batch_size`` at a time."""
     with tqdm(total=len(seeds), desc=desc, disable=not progress, unit="img") as bar:
         for start in range(0, len(seeds), config.batch_size):
             batch = seeds[start : start + config.batch_size]
-            images = pipe(
+            yield pipe(
                 prompt,
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance_scale,
@@ -77,11 +109,9 @@ def generate_images(
                 width=config.width,
                 num_images_per_prompt=len(batch),
                 generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
-                output_type="pt",
+                output_type=output_type,
             ).images
-            out.append(images.float().cpu().clamp(0, 1))
             bar.update(len(batch))
-    return torch.cat(out)
 
 
 @torch.no_grad()
