@@ -40,7 +40,7 @@ from diffusers import (
 )
 
 from fragjobs.builtin.sdxl import build_sdxl_shape, build_tiny_sdxl
-from fragjobs.builtin.seeded import scheduler, seeded, text_encoder
+from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, text_encoder
 from fragjobs.builtin.tokenizer import build_byte_tokenizer
 
 
@@ -111,18 +111,7 @@ def build_sd15_shape() -> StableDiffusionPipeline:
         11,
         lambda: UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
     )
-    vae = seeded(
-        12,
-        lambda: AutoencoderKL(
-            block_out_channels=(16, 32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            sample_size=512,
-        ),
-    )
+    vae = stand_in_vae(12, 512)
     return _assemble(unet, vae, text_encoder(768, 1, 12, seed=13))
 
 

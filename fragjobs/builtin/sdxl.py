@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from fragjobs.builtin.seeded import scheduler, seeded, text_encoder
+from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, text_encoder
 from fragjobs.builtin.tokenizer import build_byte_tokenizer
 
 TIME_IDS = 6
@@ -129,18 +129,7 @@ def build_sdxl_shape() -> StableDiffusionXLPipeline:
             time_embed_dim=256,
         ),
     )
-    vae = seeded(
-        32,
-        lambda: AutoencoderKL(
-            block_out_channels=(16, 32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            sample_size=1024,
-        ),
-    )
+    vae = stand_in_vae(32, 1024)
     first = text_encoder(768, 12, 12, seed=33)
     second = text_encoder(1280, 32, 20, seed=34, projection_dim=1280, with_projection=True)
     return assemble_sdxl(unet, vae, first, second)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from fragjobs.builtin.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
@@ -64,4 +64,21 @@ def scheduler() -> DPMSolverMultistepScheduler:
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
         steps_offset=1,
+    )
+
+
+def stand_in_vae(seed: int, sample_size: int) -> AutoencoderKL:
+    """The small VAE of the ``*-shape`` built-ins (their timing is the UNet's): four levels,
+    ``block_out_channels`` (16, 32, 32, 32), drawn from ``seed``."""
+    return seeded(
+        seed,
+        lambda: AutoencoderKL(
+            block_out_channels=(16, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=sample_size,
+        ),
     )
