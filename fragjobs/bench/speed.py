@@ -11,10 +11,21 @@ times every method once, so a shared machine's drift hits all alike):
   extracts with another fidelity knob (e.g. ``caching@0.95,all@0.95`` for the fastest
   schedule keeping SSIM 0.95);
 * peers (:mod:`fragjobs.bench.peers`): DeepCache (intervals 2, 3, 5), ToMe-SD (ratios 0.3,
-  0.5) and diffusers' cache hooks fitted to the UNet (TaylorSeer, Pyramid Attention
-  Broadcast, MagCache calibrated on the profiling seeds, FasterCache, First-Block-Cache), at
-  two or three settings each; a peer that is not installed or cannot run on the pipeline is
-  a row saying why, without figures.
+  0.5) and diffusers' cache hooks fitted to the denoiser, a UNet or a transformer
+  (TaylorSeer, Pyramid Attention Broadcast, MagCache calibrated on the profiling seeds,
+  FasterCache, First-Block-Cache), at two or three settings each; a peer that is not
+  installed or cannot run on the pipeline (DeepCache and ToMe on a transformer) is a row
+  saying why, without figures.
+
+Models: any the chain takes (``tiny-sd``, ``shapes``, ``sd15-shape``, the SDXL built-ins
+``tiny-sdxl`` and ``sdxl-shape``, the PixArt ones where this fragjobs has them, a folder or
+hub id). ``--size`` sets the side of the timing models; the test models (``tiny-*``,
+``shapes``) keep theirs, and the table says when a model ran below its native size. A step
+that does not fit in the memory left beside the loaded model is a row or note saying so,
+with the figures (:mod:`fragjobs.bench.headroom`): on a 24 GB machine ``sdxl-shape``
+(12.7 GB loaded) is timed with its peers, but extracting a fragment (a 10.3 GB copy of its
+UNet) does not fit. Before the memory probes the benchmark releases its own copy of the
+model, so that each probe's process has the room.
 
 Method tokens ``noforecast``, ``nocfg``, ``noprobe`` in a ``+``-joined fragment method turn
 off block caching's routing switches (``BlockCachingConfig.forecast``, ``.cfg_reuse``,
@@ -49,7 +60,9 @@ from typing import Any
 
 import torch
 
+from fragjobs.bench.denoisers import denoiser
 from fragjobs.bench.diffusers_cache import PeerUnavailableError
+from fragjobs.bench.headroom import pipeline_bytes, shortfall
 from fragjobs.bench.loading import load_for_bench
 from fragjobs.bench.memory import measure
 from fragjobs.bench.methods import (
@@ -64,6 +77,7 @@ from fragjobs.bench.peers import (
     calibrate_peer,
     describe_peer,
     is_peer,
+    missing_package,
     parse_peer,
     peer_pipeline,
 )
@@ -71,7 +85,7 @@ from fragjobs.bench.speed_report import markdown_report, plot
 from fragjobs.bench.timing import time_interleaved
 from fragjobs.validation.break_even import break_even_delivered, break_even_old
 
-FIXED_SIZE = ("tiny-sd", "shapes")  # trained/built for 64×64
+FIXED_SIZE = ("tiny-sd", "shapes", "tiny-sdxl", "tiny-pixart")  # test models, 64×64
 
 
 def bench_model(
@@ -96,9 +110,13 @@ def bench_model(
 
     ``fragments_dir``: each fragment is saved there (``<method>/``); with ``memory``, each
     method's RSS is then measured in a process of its own (:mod:`fragjobs.bench.memory`).
+    Fragment methods whose extraction does not fit beside the model are rows saying so (the
+    prompt is then not profiled: ``profile_s`` is null); a probe that does not fit leaves
+    its row an ``rss_note`` instead of RSS figures.
     """
     from fragjobs.extraction import extract_fragment, save_fragment, weight_bytes
     from fragjobs.generation import generate_images, with_unet
+    from fragjobs.generation.memory import release_freed_heap
     from fragjobs.profiling import ProfileConfig, profile_prompt
     from fragjobs.validation import compute_quality
 
@@ -107,25 +125,32 @@ def bench_model(
     pipe, info = loaded.pipe, loaded.info
     height, width, steps = gen.height, gen.width, gen.steps
     eval_seeds = list(range(100, 100 + (eval_seeds or batch_size)))
-    started = time.perf_counter()
-    prof = profile_prompt(
-        pipe,
-        prompt,
-        ProfileConfig(
-            seeds=profile_seeds,
-            steps=steps,
-            step_stride=2,
-            guidance_scale=info.default_guidance,
-            height=height,
-            width=width,
-        ),
-        progress=False,
+    model_module = denoiser(pipe)
+    device = next(model_module.parameters()).device
+    full_bytes, whole_bytes = weight_bytes(model_module), pipeline_bytes(pipe)
+    no_room = shortfall(
+        full_bytes, device, f"extracting a fragment (a copy of the {type(model_module).__name__})"
     )
-    profile_s = time.perf_counter() - started
+    prof, profile_s = None, None
+    if no_room is None and any(is_fragment_method(name) for name in methods):
+        started = time.perf_counter()
+        prof = profile_prompt(
+            pipe,
+            prompt,
+            ProfileConfig(
+                seeds=profile_seeds,
+                steps=steps,
+                step_stride=2,
+                guidance_scale=info.default_guidance,
+                height=height,
+                width=width,
+            ),
+            progress=False,
+        )
+        profile_s = time.perf_counter() - started
     started = time.perf_counter()
     full_images = generate_images(pipe, prompt, eval_seeds, gen)
     full_eval_s = time.perf_counter() - started
-    full_bytes = weight_bytes(pipe.unet)
     rows: list[dict[str, Any]] = []
     runners: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
 
@@ -157,7 +182,9 @@ def bench_model(
     add("full", lambda: contextlib.nullcontext(pipe), full_bytes, {})
     for name in methods:
         technique, _, knob = name.partition("@")
-        if is_fragment_method(name):
+        if is_fragment_method(name) and no_room is not None:
+            rows.append({"method": name, "unavailable": no_room})
+        elif is_fragment_method(name):
             t0 = time.perf_counter()
             fragment, unet = extract_fragment(
                 pipe,
@@ -191,13 +218,20 @@ def bench_model(
         for row in rows:
             log(json.dumps({"model": model, **row}))
     runners.clear()
+    # each probe loads the model again in a process of its own: give it this process's room
+    loaded = pipe = model_module = prof = full_images = None
     gc.collect()
+    release_freed_heap()
     if memory:
         for row in rows:
             if "unavailable" in row or ("extract_s" in row and "fragment_dir" not in row):
                 continue
             if is_peer(row["method"]) and parse_peer(row["method"])[0] in NEEDS_CALIBRATION:
                 row["rss_note"] = "not probed: its calibration runs in the benchmark process"
+                continue
+            no_room = shortfall(whole_bytes, device, "a probe (the pipeline loaded again)")
+            if no_room is not None:
+                row["rss_note"] = no_room
                 continue
             figures = measure(
                 model,
@@ -216,10 +250,11 @@ def bench_model(
     return {
         "model": model,
         "size": height,
+        "native_size": info.height,
         "steps": steps,
         "batch_size": batch_size,
         "repeats": repeats,
-        "profile_s": round(profile_s, 2),
+        "profile_s": None if profile_s is None else round(profile_s, 2),
         "profile_seeds": list(profile_seeds),
         "rows": rows,
     }
@@ -238,16 +273,19 @@ def _add_peer(name, pipe, add, rows, full_bytes, steps, profile_seeds, prompt, g
         extra.update(describe_peer(pipe, name, calibration))
         add(name, lambda: peer_pipeline(pipe, name, calibration), full_bytes, extra)
     except ImportError as exc:
-        rows.append({"method": name, "unavailable": f"{exc} (pip install deepcache tomesd)"})
+        rows.append({"method": name, "unavailable": missing_package(name, exc)})
     except PeerUnavailableError as exc:
         rows.append({"method": name, "unavailable": str(exc)})
 
 
-def _speedups_and_break_even(rows: list[dict[str, Any]], profile_s: float, delivered: int) -> None:
+def _speedups_and_break_even(
+    rows: list[dict[str, Any]], profile_s: float | None, delivered: int
+) -> None:
     """Speed-up of every timed row; both break-evens of every fragment row.
 
     ``delivered``: the full-model images the chain computed anyway (profiling and evaluation
-    seeds), credited by the delivered definition.
+    seeds), credited by the delivered definition. ``profile_s`` is ``None`` only when no
+    fragment was extracted.
     """
     full_s = rows[0]["latency_ms"] / 1000
     for row in rows:
@@ -279,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
-        "--size", type=int, default=None, help="image side (not for tiny-sd and shapes)"
+        "--size",
+        type=int,
+        default=None,
+        help=f"image side of the timing models (not for {', '.join(FIXED_SIZE)})",
     )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument(

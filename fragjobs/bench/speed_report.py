@@ -41,7 +41,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     """One markdown table for all models; an unavailable peer's row says why, without figures."""
     lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for result in results:
-        label = f"{result['model']} {result['size']}px {result['steps']} steps"
+        label = size_label(result)
         for row in result["rows"]:
             if "unavailable" in row:
                 cells = [row["method"], f"unavailable: {row['unavailable']}"]
@@ -50,6 +50,16 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                 cells = [_cell(row, column) for column in COLUMNS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def size_label(result: dict[str, Any]) -> str:
+    """``sdxl-shape 128px (native 512px) 4 steps``: the model, the size it ran at (and its
+    own when smaller or larger) and the steps."""
+    native = result.get("native_size")
+    size = f"{result['size']}px"
+    if native is not None and native != result["size"]:
+        size += f" (native {native}px)"
+    return f"{result['model']} {size} {result['steps']} steps"
 
 
 def _cell(row: dict[str, Any], column: str) -> str:
@@ -121,10 +131,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.annotate(row["method"], (row["ssim"], row["speedup"]), fontsize=7)
         ax.set_xlabel("SSIM vs full model: marker = mean, whisker end = worst seed")
         ax.set_ylabel("speed-up vs full model")
-        ax.set_title(
-            f"{result['model']} {result['size']}px, {result['steps']} steps "
-            "(blue: fragments, red: peers)"
-        )
+        ax.set_title(f"{size_label(result)} (blue: fragments, red: peers)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
