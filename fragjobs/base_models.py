@@ -2,7 +2,7 @@
 
 A base model is named by a built-in name (``tiny-sd``, ``sd15-shape``, ``tiny-sdxl``, …), a
 local diffusers folder (one with ``model_index.json``) or a hub id (only when the hub is
-reachable), of a supported pipeline class (:mod:`fragjobs.pipeline_families`: SD 1.x/2.x and
+reachable), of a supported pipeline class (:mod:`fragjobs.families`: SD 1.x/2.x and
 SDXL; any other class is refused before its weights are read). Its id is
 a sha256 over its weights plus its name (DESIGN §3):
 
@@ -22,7 +22,6 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,10 +31,10 @@ from fragjobs.builtin.configs import verify_shipped_weights
 from fragjobs.builtin.streaming import Selection, build_keeping, unet_layout
 from fragjobs.config import Settings, get_settings
 from fragjobs.errors import ConfigError, InvalidInputError, UnknownModelError
-from fragjobs.pipeline_families import family_of, family_of_class
+from fragjobs.families import denoiser, family_of, family_of_class
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 _BASE_ATTR = "_fragjobs_base"
 
 
@@ -121,7 +120,9 @@ def load_base(
         else:
             verify_shipped_weights(spec.folder.parent)
             pipe = _load_folder_with_unet(spec.folder, settings, unet, name=model)
-        info = _builtin_info(model, _folder_info(spec.folder, settings, pipe, name=model).sha256)
+        info = _builtin_info(
+            model, _folder_info(spec.folder, settings, _image_size(pipe), name=model).sha256
+        )
     elif Path(model).expanduser().is_dir():
         pipe, info = _load_folder(Path(model).expanduser().resolve(), settings, unet)
     elif Path(model).suffix or model.startswith((".", "/", "~")):
@@ -195,7 +196,7 @@ def identify(pipe: Any, settings: Settings | None = None) -> BaseModelInfo:
         return info
     path = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
     if path and Path(path).is_dir():
-        info = _folder_info(Path(path).resolve(), settings or get_settings(), pipe)
+        info = _folder_info(Path(path).resolve(), settings or get_settings(), _image_size(pipe))
         setattr(pipe, _BASE_ATTR, info)
         return info
     raise UnknownModelError(
@@ -277,8 +278,9 @@ def _cached_hash(cache_key: tuple, settings: Settings, compute) -> str:
 
 
 def _folder_info(
-    folder: Path, settings: Settings, pipe: Any, name: str | None = None
+    folder: Path, settings: Settings, size: int, name: str | None = None
 ) -> BaseModelInfo:
+    """A folder's identity; ``size``: its default image side (:func:`_image_size`)."""
     stats = [
         (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(folder.rglob("*"))
@@ -288,8 +290,6 @@ def _folder_info(
     sha = _cached_hash(
         ("folder", str(folder), name, stats), settings, lambda: hash_weight_files(folder, name)
     )
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    size = int(getattr(pipe.unet.config, "sample_size", 64)) * scale
     return BaseModelInfo(name, sha, f"folder:{folder}", size, size, 20)
 
 
@@ -313,8 +313,8 @@ def _load_folder(
             pipe = _load_folder_with_unet(folder, settings, unet)
     except (OSError, ValueError) as exc:
         raise UnknownModelError(f"cannot load pipeline folder {folder}: {exc}") from exc
-    _require_unet(pipe, str(folder))
-    return pipe, _folder_info(folder, settings, pipe)
+    denoiser(pipe)  # refuses a pipeline without its family's denoiser
+    return pipe, _folder_info(folder, settings, _image_size(pipe))
 
 
 def _load_hub(
@@ -341,23 +341,24 @@ def _load_hub(
 def _load_folder_with_unet(
     folder: Path, settings: Settings, build: UnetBuilder, name: str | None = None
 ) -> Any:
-    """A pipeline folder's components, the UNet made by ``build`` from the folder's UNet
-    config and its safetensors files (read tensor by tensor, never all at once)."""
+    """A pipeline folder's components, its denoiser (the family's UNet or transformer) made
+    by ``build`` from the folder's config and safetensors files (read tensor by tensor, never
+    all at once)."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(folder / "unet")
+    index = json.loads((folder / "model_index.json").read_text())
+    family = family_of_class(index.get("_class_name"), str(folder))
+    denoiser_class = getattr(diffusers, family.denoiser_class)
+    config = denoiser_class.load_config(folder / family.denoiser)
     with init_empty_weights():
-        skeleton = UNet2DConditionModel.from_config(config)
-    vae = AutoencoderKL.load_config(folder / "vae")
-    # _folder_info reads only the UNet's config and the VAE's scale factor
-    shape = SimpleNamespace(
-        unet=skeleton, vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1)
-    )
-    info = _folder_info(folder, settings, shape, name=name)
-    built = build(info, skeleton, _safetensors_reader(folder / "unet"))
-    return DiffusionPipeline.from_pretrained(
-        folder, unet=built, local_files_only=True, low_cpu_mem_usage=True
+        skeleton = denoiser_class.from_config(config)
+    vae = diffusers.AutoencoderKL.load_config(folder / "vae")
+    size = int(config.get("sample_size") or 64) * 2 ** (len(vae["block_out_channels"]) - 1)
+    info = _folder_info(folder, settings, size, name=name)
+    built = build(info, skeleton, _safetensors_reader(folder / family.denoiser))
+    return diffusers.DiffusionPipeline.from_pretrained(
+        folder, **{family.denoiser: built}, local_files_only=True, low_cpu_mem_usage=True
     )
 
 
@@ -427,7 +428,7 @@ def _build_builtin_with_unet(
 
     unet = build(info, layout.skeleton, read)
     pipe = built["pipe"] if "pipe" in built else build_keeping(spec.build, layout, {})[0]
-    pipe.unet = unet
+    setattr(pipe, family_of(pipe).denoiser, unet)
     return pipe, info
 
 
@@ -479,9 +480,10 @@ def _check_pipeline_class(folder: Path) -> None:
     family_of_class(class_name, str(folder))
 
 
-def _require_unet(pipe: Any, name: str) -> None:
-    if getattr(pipe, "unet", None) is None:
-        raise UnknownModelError(f"{name} is not a UNet text-to-image pipeline (SD 1.x/2.x/XL)")
+def _image_size(pipe: Any) -> int:
+    """A pipeline's default image side: its denoiser's sample size times the VAE's scale."""
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    return int(getattr(denoiser(pipe).config, "sample_size", 64)) * scale
 
 
 def _unknown_message(model: str, settings: Settings) -> str:
@@ -503,7 +505,8 @@ def prompt_embedding(pipe: Any, prompt: str) -> torch.Tensor:
 
     Used to find a fragment made for a similar prompt (``cosine_clip_text``) and to say how
     close a paraphrase is. Which encoder gives it is the pipeline family's choice
-    (:mod:`fragjobs.pipeline_families`): SD's text encoder, SDXL's second (projected) one.
+    (:mod:`fragjobs.families`): SD's text encoder, SDXL's second (projected) one, the
+    mean of PixArt's T5 states.
     """
     family = family_of(pipe)
     tokenizer = getattr(pipe, family.pooled_tokenizer)
@@ -516,9 +519,10 @@ def prompt_embedding(pipe: Any, prompt: str) -> torch.Tensor:
         return_tensors="pt",
     )
     output = encoder(tokens.input_ids.to(encoder.device))
-    pooled = getattr(output, family.pooled_output, None)
-    if pooled is None:
-        pooled = output.last_hidden_state.mean(1)
+    pooled = getattr(output, family.pooled_output) if family.pooled_output else None
+    if pooled is None:  # no pooled output (T5): the mean of the prompt's token states
+        mask = tokens.attention_mask.to(encoder.device).unsqueeze(-1).float()
+        pooled = (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     pooled = pooled[0].float().cpu()
     return pooled / pooled.norm().clamp_min(1e-12)
 

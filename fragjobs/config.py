@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         pattern=r"^(auto|cpu|mps|cuda|cuda:\d+)$",
         description="'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'.",
     )
+    int8_execution: str = Field(
+        default="auto",
+        pattern=r"^(auto|int_mm|qlinear_dynamic|float|dequantize)$",
+        description="How a fragment's int8 layers compute when it is loaded for generation: "
+        "'auto' (an int8 matmul where the device has a fast one, else dequantised once at "
+        "load: float weights held), 'int_mm', 'qlinear_dynamic', 'float' (dequantised once) or "
+        "'dequantize' (int8 held, dequantised every call: least memory, slowest).",
+    )
     max_variants: int = Field(default=10_000, gt=0)
     memory_budget_mb: float | None = Field(
         default=None,

@@ -24,7 +24,7 @@ DOMAIN = (
     "fragjobs.keys",
     "fragjobs.logging_setup",
     "fragjobs.base_models",
-    "fragjobs.pipeline_families",
+    "fragjobs.families",
     "fragjobs.builtin",
     "fragjobs.profiling",
     "fragjobs.extraction",

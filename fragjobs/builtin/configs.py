@@ -18,6 +18,10 @@
     The same two roles for the SDXL architecture (``StableDiffusionXLPipeline``: two text
     encoders, added time/text conditioning, three UNet levels with several transformer layers
     per block), built in :mod:`fragjobs.builtin.sdxl`.
+``tiny-pixart``, ``pixart-shape``
+    The same two roles for a diffusion transformer (``PixArtAlphaPipeline``: a T5 text
+    encoder, a stack of transformer blocks as the denoiser), built in
+    :mod:`fragjobs.builtin.pixart`.
 
 The seeded ones are deterministic across processes: each component is initialised under its
 own fixed seed inside ``torch.random.fork_rng`` (:mod:`fragjobs.builtin.seeded`), so the
@@ -39,6 +43,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from fragjobs.builtin.pixart import build_pixart_shape, build_tiny_pixart
 from fragjobs.builtin.sdxl import build_sdxl_shape, build_tiny_sdxl
 from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, text_encoder
 from fragjobs.builtin.tokenizer import build_byte_tokenizer
@@ -181,5 +186,23 @@ BUILTINS: dict[str, BuiltinSpec] = {
         512,
         512,
         4,
+    ),
+    "tiny-pixart": BuiltinSpec(
+        "tiny-pixart",
+        "PixArt-α (DiT) toy, seeded random weights (tests)",
+        build_tiny_pixart,
+        64,
+        64,
+        10,
+        default_guidance=4.5,
+    ),
+    "pixart-shape": BuiltinSpec(
+        "pixart-shape",
+        "PixArt-α XL/2-512 transformer shape, random weights (timing only)",
+        build_pixart_shape,
+        512,
+        512,
+        4,
+        default_guidance=4.5,
     ),
 }

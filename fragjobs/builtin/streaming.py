@@ -1,4 +1,7 @@
-"""Build a built-in pipeline while keeping only some of its UNet's tensors.
+"""Build a built-in pipeline while keeping only some of its denoiser's tensors.
+
+The denoiser is the pipeline family's (:func:`fragjobs.families.denoiser`: a UNet or a
+transformer); "UNet" below stands for either.
 
 A built-in's weights are its modules' default initialisation under a fixed seed, so they
 exist only by running the build. :func:`unet_layout` runs it once with every parameter on
@@ -22,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from fragjobs.errors import FragjobsError
+from fragjobs.families import denoiser
 from fragjobs.generation.memory import release_freed_heap
 
 Selection = tuple[int, torch.Tensor] | None
@@ -61,9 +65,10 @@ def unet_layout(build: Callable[[], Any]) -> UnetLayout:
             pipe = build()
     finally:
         handle.remove()
-    names = {id(module): name for name, module in pipe.unet.named_modules()}
+    unet = denoiser(pipe)
+    names = {id(module): name for name, module in unet.named_modules()}
     attached = tuple((names.get(id(c)), type(c).__name__) for c in children)
-    return UnetLayout(pipe.unet, attached)
+    return UnetLayout(unet, attached)
 
 
 def build_keeping(
@@ -72,7 +77,7 @@ def build_keeping(
     """Run ``build`` for real, keeping of its UNet only the ``wanted`` tensors.
 
     Returns:
-        The pipeline (its UNet's tensors all on the meta device: replace ``pipe.unet``) and
+        The pipeline (its UNet's tensors all on the meta device: replace the denoiser) and
         ``{state-dict name: tensor or its selected rows/columns}``.
 
     Raises:
@@ -112,7 +117,7 @@ def build_keeping(
         pipe = build()
     finally:
         handle.remove()
-    empty_out(pipe.unet, "")
+    empty_out(denoiser(pipe), "")
     missing = sorted(set(wanted) - set(kept))
     if position != len(layout.attached) or missing:
         raise FragjobsError(_DIVERGED + (f" (never made: {missing[:3]})" if missing else ""))

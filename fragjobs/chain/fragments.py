@@ -12,11 +12,13 @@ from fragjobs.catalog import FragmentEntity
 from fragjobs.chain.state import STATE, WARM_FRAGMENT_UNETS
 from fragjobs.chain.stored import update_manifest, verified_objects
 from fragjobs.chain.workspaces import Workspace, workspace
+from fragjobs.config import get_settings
 from fragjobs.errors import (
     FragmentIntegrityError,
     IntegrityError,
     InvalidInputError,
     ManifestError,
+    UnknownModelError,
 )
 from fragjobs.extraction import (
     Fragment,
@@ -27,6 +29,7 @@ from fragjobs.extraction import (
 )
 from fragjobs.extraction.fragment import check_base
 from fragjobs.extraction.lean_load import build_fragment_unet, empty_unet_like, module_reader
+from fragjobs.families import denoiser, supported_pipelines
 from fragjobs.keys import validate_key
 from fragjobs.manifest import FragmentManifest, PerformanceLayer
 
@@ -63,19 +66,23 @@ def record_performance(
 
 
 def fragment_unet(loaded: LoadedBase, fragment: Fragment) -> torch.nn.Module:
-    """The fragment's UNet on the loaded base, without copying the base UNet.
+    """The fragment's denoiser on the loaded base, without copying the base's.
 
     Built from the base's config on the meta device (:mod:`fragjobs.extraction.lean_load`):
-    the tensors the fragment leaves unchanged are shared with ``loaded``'s UNet, the rest
-    come from the fragment (int8 stays int8), so it costs only the fragment's own tensors.
-    Its images are those of the edits replayed on a copy of the base.
+    the tensors the fragment leaves unchanged are shared with ``loaded``'s denoiser, the rest
+    come from the fragment, so it costs only the fragment's own tensors; its int8 layers
+    compute as ``FRAGJOBS_INT8_EXECUTION`` says (default ``auto``). Its images are those of
+    the edits replayed on a copy of the base.
 
     Raises:
         BaseModelMismatchError: ``loaded`` is not the fragment's base.
     """
     check_base(fragment, loaded.info)
     return build_fragment_unet(
-        empty_unet_like(loaded.pipe.unet), fragment, module_reader(loaded.pipe.unet)
+        empty_unet_like(denoiser(loaded.pipe)),
+        fragment,
+        module_reader(denoiser(loaded.pipe)),
+        int8_execution=get_settings().int8_execution,
     )
 
 
@@ -120,10 +127,13 @@ def apply_fragment_(
         BaseModelMismatchError: the pipeline is not the fragment's base.
         FragmentIntegrityError: the fragment's bytes do not match their hashes.
     """
-    if getattr(pipe, "unet", None) is None:
+    try:
+        module = denoiser(pipe)
+    except UnknownModelError as exc:
         raise InvalidInputError(
-            f"apply_fragment_ needs a diffusers pipeline with a UNet, got {type(pipe).__name__}"
-        )
+            f"apply_fragment_ needs a diffusers pipeline of a supported family "
+            f"({supported_pipelines()}), got {type(pipe).__name__}"
+        ) from exc
     if not isinstance(key_or_path, str | Path):
         raise InvalidInputError(
             f"give a fragment key or a fragment folder, got {type(key_or_path).__name__}"
@@ -133,5 +143,5 @@ def apply_fragment_(
         fragment = load_fragment_folder(path)
     else:
         fragment = load_stored_fragment(str(key_or_path), ws)
-    apply_fragment_to_unet_(pipe.unet, fragment, identify(pipe))
+    apply_fragment_to_unet_(module, fragment, identify(pipe))
     return fragment.manifest

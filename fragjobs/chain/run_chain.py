@@ -41,6 +41,7 @@ from fragjobs.chain.stored import read_manifest, store_of
 from fragjobs.chain.validate_step import fragment_base, generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import FragjobsError, InvalidInputError
+from fragjobs.families import denoiser
 from fragjobs.generation import GenerationConfig, latency_samples_ms, memory_report, with_unet
 from fragjobs.generation.memory_probe import measure as probe_memory
 from fragjobs.generation.memory_probe import peak_figure
@@ -158,7 +159,7 @@ def run(
     latency_full, latency_frag = statistics.median(full_ms), statistics.median(frag_ms)
     attempts[-1]["speedup"] = round(latency_full / latency_frag, 4)
     device = f"{loaded.pipe.device.type}: {_device_name(loaded.pipe.device)}"
-    memory = memory_report(loaded.pipe.unet, frag_unet)
+    memory = memory_report(denoiser(loaded.pipe), frag_unet)
     if measure_memory:
         with _working("measure memory: one batch per model in a fresh process", progress, 2) as bar:
             memory.update(_probe_peaks(ws, loaded, fragment.manifest, prompt, gen, bar))

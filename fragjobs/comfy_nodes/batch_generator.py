@@ -124,7 +124,9 @@ def _with_fragment(ws, loaded, model, prompt, seeds, steps, guidance, batch_size
         progress.update(math.ceil(done / batch_size) * model.fragment_steps)
         progress.check_interrupt()
 
-    with progress.per_unet_call(loaded.pipe.unet, unet):
+    from fragjobs.families import denoiser
+
+    with progress.per_unet_call(denoiser(loaded.pipe), unet):
         result = chain.generate(
             prompt,
             seeds=seeds,
@@ -157,7 +159,9 @@ def _with_full_model(loaded, prompt, seeds, steps, guidance, batch_size):
     )
     progress = NodeProgress(total=math.ceil(len(seeds) / batch_size) * gen.steps)
     out = []
-    with progress.per_unet_call(loaded.pipe.unet):
+    from fragjobs.families import denoiser
+
+    with progress.per_unet_call(denoiser(loaded.pipe)):
         for start in range(0, len(seeds), batch_size):
             progress.check_interrupt()
             out.append(generate_images(loaded.pipe, prompt, seeds[start : start + batch_size], gen))

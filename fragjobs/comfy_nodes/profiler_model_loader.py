@@ -96,7 +96,9 @@ class ProfilerModelLoader:
         if not profiling_enabled:
             return handle, ProfilingData(None, model, prompt.strip())
         progress = NodeProgress(total=steps or loaded.info.default_steps)
-        with progress.per_unet_call(loaded.pipe.unet):
+        from fragjobs.families import denoiser
+
+        with progress.per_unet_call(denoiser(loaded.pipe)):
             result = chain.profile(
                 prompt, model=model, seeds=seeds, steps=steps or None, ws=ws, progress=False
             )

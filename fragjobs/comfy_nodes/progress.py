@@ -35,7 +35,9 @@ class NodeProgress:
     Example::
 
         progress = NodeProgress(total=steps)
-        with progress.per_unet_call(pipe.unet):
+        from fragjobs.families import denoiser
+
+        with progress.per_unet_call(denoiser(pipe)):
             pipe(prompt, num_inference_steps=steps)
         progress.finish()
     """

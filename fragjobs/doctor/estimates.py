@@ -5,7 +5,7 @@ seeded one is built with its parameters on the ``meta`` device
 (``accelerate.init_empty_weights``: no memory, no random initialisation), which gives its
 parameter bytes and its configs in well under a second even for ``sd15-shape``.
 
-The per-image figure is an **estimate** from the UNet's and VAE's configs, in float32, at the
+The per-image figure is an **estimate** from the denoiser's and VAE's configs, in float32, at the
 model's own size and guidance: :func:`fragjobs.generation.budget.estimate_from_configs`, the
 same estimate the memory budget starts from before it measures the first batch.
 """
@@ -20,7 +20,7 @@ FLOAT_BYTES = 4
 MAX_BATCH = 1024
 """The largest batch :class:`fragjobs.generation.GenerationConfig` accepts."""
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,11 @@ def footprint(name: str) -> ModelFootprint:
 
     spec = BUILTINS[name]
     if spec.folder is not None:
-        unet = json.loads((spec.folder / "unet" / "config.json").read_text())
+        from fragjobs.families import family_of_class
+
+        index = json.loads((spec.folder / "model_index.json").read_text())
+        family = family_of_class(index.get("_class_name"), str(spec.folder))
+        unet = json.loads((spec.folder / family.denoiser / "config.json").read_text())
         vae = json.loads((spec.folder / "vae" / "config.json").read_text())
         weights = _folder_weights(spec.folder)
     else:
@@ -61,7 +65,10 @@ def footprint(name: str) -> ModelFootprint:
 
         with init_empty_weights():
             pipe = spec.build()
-        unet, vae = dict(pipe.unet.config), dict(pipe.vae.config)
+        from fragjobs.families import denoiser, family_of
+
+        family = family_of(pipe)
+        unet, vae = dict(denoiser(pipe).config), dict(pipe.vae.config)
         weights = sum(
             t.numel() * t.element_size()
             for component in _COMPONENTS
@@ -73,6 +80,7 @@ def footprint(name: str) -> ModelFootprint:
     per_image = estimate_from_configs(
         unet,
         vae,
+        family=family,
         element_bytes=FLOAT_BYTES,
         height=spec.height,
         width=spec.width,

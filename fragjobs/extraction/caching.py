@@ -38,7 +38,8 @@ from fragjobs.extraction.routing_hooks import (
     remove_block_caching,
     reset_block_caching,
 )
-from fragjobs.extraction.schedule import PROBE_BLOCK, CachingSchedule, routed_cost
+from fragjobs.extraction.schedule import CachingSchedule, routed_cost
+from fragjobs.families import first_block, level_output_blocks
 from fragjobs.profiling import PromptProfile
 
 __all__ = [
@@ -63,9 +64,9 @@ class _Routing:
 
     def __init__(self, profile: PromptProfile, config: BlockCachingConfig) -> None:
         self.profile, self.config = profile, config
-        self.up_blocks = sorted(b for b in profile.block_change if b.startswith("up_blocks"))
+        self.outputs = level_output_blocks(profile.block_change)
         self.errors = ForecastErrors()
-        self.orders = dict.fromkeys(self.up_blocks, FIRST_ORDER) if config.forecast else {}
+        self.orders = dict.fromkeys(self.outputs, FIRST_ORDER) if config.forecast else {}
         self.guidance: dict[int, float] | None = None
 
     def route(self, schedule: CachingSchedule) -> CachingSchedule:
@@ -76,7 +77,7 @@ class _Routing:
                 self.guidance, schedule.steps, schedule.delta, schedule.warmup_steps
             )
             routed = replace(routed, cfg_steps=steps)
-        probe = self.profile.block_change.get(PROBE_BLOCK)
+        probe = self.profile.block_change.get(first_block(self.profile.block_change))
         if self.config.probe and probe is not None and probe.shape[1] == schedule.steps - 1:
             change, margin = calibrate_probe(probe, routed.full_steps())
             routed = replace(routed, probe_change=change, probe_margin=margin)
@@ -85,7 +86,7 @@ class _Routing:
     def learn(self, state: Any) -> None:
         """Update the orders from all errors so far; keep the first guidance measurement."""
         if self.config.forecast:
-            self.orders = self.errors.best_orders(self.up_blocks, FIRST_ORDER)
+            self.orders = self.errors.best_orders(self.outputs, FIRST_ORDER)
         if self.guidance is None:
             self.guidance = state.mean_guidance_change()
 

@@ -1,33 +1,36 @@
-"""Block-caching plans: reuse UNet blocks' previous outputs on the steps where they barely change.
+"""Block-caching plans: skip denoiser blocks on the steps where they barely change.
 
-The profile records, per block (down, mid, up), the relative change of its output from one
-step to the next. Following Block Caching (Wimbauer et al., CVPR 2024), a block is recomputed
-when the change accumulated since its last computation would exceed a budget; on the other
-steps its cached output is returned without running it.
+The profile records, per block (down, mid, up), the relative change of its output from one step
+to the next. Following Block Caching (Wimbauer et al., CVPR 2024), a block is recomputed when
+the change accumulated since its last computation would exceed a budget; on the other steps its
+cached output is returned without running it.
 
-The blocks are grouped by UNet depth: level ``l`` is ``down_blocks.l`` with its mirror
-``up_blocks.(L-1-l)`` (the mid block joins the deepest level). A deeper level is only worth
-recomputing when everything shallower is recomputed too (it reads their fresh outputs, and
-its output is only read by them), so the schedules are nested: each level's recompute steps
-are a subset of the next shallower level's. Each level follows the change of its branch's
-output (``up_blocks.(L-1-l)``): level 0 with ``shallow_delta`` (``None``: every step, as in
-DeepCache), level ``l >= 1`` with ``delta * 2**(l-1)``. The first ``warmup_steps`` steps
-always compute. With ``shallow_delta=None`` and a uniform schedule this is DeepCache; the
-profiled, prompt-specific budgets make it non-uniform (dense where the prompt's features
-move, sparse where they settle).
+The blocks are grouped by depth, as the pipeline family pairs them (:mod:`fragjobs.families`):
+in a UNet level ``l`` is ``down_blocks.l`` with its mirror ``up_blocks.(L-1-l)`` (the mid block
+joins the deepest level); in a transformer block ``i`` pairs with ``N-1-i``. A skipped UNet
+block returns its cached output, a skipped transformer block its input plus its cached
+residual. A deeper level is only worth recomputing when everything shallower is recomputed too
+(it reads their fresh outputs, and its output is only read by them), so the schedules are
+nested: each level's recompute steps are a subset of the next shallower level's. Each level
+follows the change of its branch's output (``up_blocks.(L-1-l)``, the later block of a
+transformer's pair): level 0 with ``shallow_delta`` (``None``: every step, as in DeepCache),
+level ``l >= 1`` with ``delta * 2**(l-1)``. The first ``warmup_steps`` steps always compute.
+With ``shallow_delta=None`` and a uniform schedule this is DeepCache; the profiled, prompt-
+specific budgets make it non-uniform (dense where the prompt's features move, sparse where they
+settle).
 
-Three optional parts, each a switch of :class:`BlockCachingConfig`: a skipped up block's
-output is forecast from its last computed outputs (``forecast``, order per block chosen by
-the search: :mod:`fragjobs.extraction.forecast`); on steps where the guidance difference is
-stable only the conditional CFG half runs (``cfg_reuse``, :func:`plan_cfg_steps`); a probe on
-the first down block forces a full recompute when a sample drifts past the profiled change
-(``probe``, :func:`calibrate_probe`).
+Three optional parts, each a switch of :class:`BlockCachingConfig`: a skipped level output
+block's output (or residual) is forecast from its last computed outputs (``forecast``, order
+per block chosen by the search: :mod:`fragjobs.extraction.forecast`); on steps where the
+guidance difference is stable only the conditional CFG half runs (``cfg_reuse``,
+:func:`plan_cfg_steps`); a probe on the first block forces a full recompute when a sample
+drifts past the profiled change (``probe``, :func:`calibrate_probe`).
 
 The schedule is applied with diffusers hooks (:mod:`fragjobs.extraction.routing_hooks`),
-removable by name with :func:`remove_block_caching`; their state is reset between
-generations. Block caching stores no tensors: the schedule lives in the manifest's
-``dynamic_routing`` layer (:func:`routing_layer` writes it, :func:`caching_schedule` reads it
-back); the search is :mod:`fragjobs.extraction.caching`.
+removable by name with :func:`remove_block_caching`; their state is reset between generations.
+Block caching stores no tensors: the schedule lives in the manifest's ``dynamic_routing`` layer
+(:func:`routing_layer` writes it, :func:`caching_schedule` reads it back); the search is
+:mod:`fragjobs.extraction.caching`.
 
 Example::
 
@@ -39,7 +42,6 @@ Example::
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,12 +50,12 @@ import torch
 from fragjobs.config import DEFAULT_FIDELITY
 from fragjobs.errors import InvalidInputError
 from fragjobs.extraction.schedule import CachingSchedule
+from fragjobs.families import block_levels, level_output_block
 from fragjobs.keys import check_fraction, check_int
 from fragjobs.manifest import DynamicRoutingLayer, FragmentManifest
 
 _SWITCHES = ("forecast", "cfg_reuse", "probe")
 PROBE_SLACK = 0.25  # the probe's margin over the worst profiling seed's drift
-_BLOCK_NAME = re.compile(r"^(down_blocks|up_blocks)\.(\d+)$|^mid_block$")
 
 
 def _check_positive(values: tuple, name: str, *, allow_none: bool = False) -> None:
@@ -141,28 +143,6 @@ class BlockCachingConfig:
         return max(1, round(self.warmup * steps))
 
 
-def block_levels(blocks: list[str] | dict[str, Any]) -> dict[str, int]:
-    """UNet depth of each block: ``down_blocks.l`` and ``up_blocks.(L-1-l)`` are level ``l``."""
-    names = list(blocks)
-    bad = [n for n in names if not _BLOCK_NAME.match(n)]
-    if bad:
-        raise InvalidInputError(f"not UNet block names: {bad}")
-    depth = sum(n.startswith("down_blocks.") for n in names)
-    if depth == 0:
-        raise InvalidInputError("block caching needs the UNet's down blocks")
-    levels = {}
-    for name in names:
-        if name == "mid_block":
-            levels[name] = depth - 1
-        else:
-            kind, index = name.split(".")
-            index = int(index)
-            levels[name] = index if kind == "down_blocks" else depth - 1 - index
-            if not 0 <= levels[name] < depth:
-                raise InvalidInputError(f"{name} has no mirror block among {names}")
-    return levels
-
-
 def plan_block_caching(
     block_change: dict[str, list[float]],
     block_time_ms: dict[str, float],
@@ -188,7 +168,7 @@ def plan_block_caching(
         if budget is None:
             level_steps[level] = tuple(allowed)
             continue
-        signal = _level_signal(block_change, levels, level, depth)
+        signal = _level_signal(block_change, levels, level)
         chosen, accumulated, allowed_set = [], 0.0, set(allowed)
         for t in range(steps):
             accumulated += signal[t - 1] if t else 0.0
@@ -211,13 +191,10 @@ def plan_block_caching(
     )
 
 
-def _level_signal(block_change, levels, level, depth) -> list[float]:
-    """The change of the level's branch output (its up block), else of its largest block."""
-    up = f"up_blocks.{depth - 1 - level}"
-    if up in block_change:
-        return list(block_change[up])
-    members = [block_change[b] for b, lv in levels.items() if lv == level]
-    return [max(values) for values in zip(*members, strict=True)]
+def _level_signal(block_change, levels, level) -> list[float]:
+    """The change of the block handing the level's result on (a UNet's up block, a
+    transformer's later block of the pair)."""
+    return list(block_change[level_output_block(levels, level)])
 
 
 def candidate_schedules(

@@ -62,6 +62,7 @@ from fragjobs.extraction.lowrank import (
     low_rank_tensors,
     plan_low_rank,
 )
+from fragjobs.families import denoiser
 from fragjobs.generation.memory import weight_bytes
 from fragjobs.keys import (
     FRAGMENT_FILE,
@@ -133,7 +134,7 @@ def extract_fragment(
     *,
     profile_id: str,
 ) -> tuple[Fragment, nn.Module]:
-    """Decide and apply the edits on a copy of ``pipe.unet``, technique by technique.
+    """Decide and apply the edits on a copy of the pipeline's denoiser, technique by technique.
 
     Head pruning first (its guard and the caching search compare against the full model's
     images), then low-rank, then int8 on the layers low-rank left alone, then the caching
@@ -143,7 +144,7 @@ def extract_fragment(
         The fragment (manifest not yet validated: ``quality`` empty, ``verified`` false)
         and the edited UNet copy, ready to be swapped into a pipeline.
     """
-    unet = copy.deepcopy(pipe.unet)
+    unet = copy.deepcopy(denoiser(pipe))
     height = profile.config.height or base.height
     width = profile.config.width or base.width
     reference = None
@@ -191,7 +192,7 @@ def extract_fragment(
         compression=CompressionLayer(
             low_rank=low_rank,
             int8=int8,
-            weight_bytes_base=weight_bytes(pipe.unet),
+            weight_bytes_base=weight_bytes(denoiser(pipe)),
             weight_bytes_fragment=weight_bytes(unet),
         ),
         artifacts=ArtifactsLayer(files={}),

@@ -28,6 +28,7 @@ from fragjobs.config import DEFAULT_THRESHOLD
 from fragjobs.errors import InvalidInputError
 from fragjobs.extraction.edits import new_linear, record_edit, refuse_removal
 from fragjobs.extraction.fidelity import profiling_generation, seed_ssim
+from fragjobs.families import denoiser
 from fragjobs.keys import check_fraction, check_int
 from fragjobs.manifest import PruningLayer
 from fragjobs.profiling import PromptProfile, attention_modules
@@ -138,7 +139,7 @@ def guard_head_selection(
     """The fidelity guard: the smallest kept fraction whose pruned UNet keeps ``min_ssim``.
 
     The fractions of :func:`guard_fractions` are bisected; each trial prunes a copy of
-    ``pipe.unet`` and compares its images with ``reference`` (the full model's) on every
+    the pipeline's denoiser and compares its images with ``reference`` (the full model's) on every
     profiling seed, the worst seed deciding. Keeping every head always passes.
 
     Returns:
@@ -156,7 +157,7 @@ def guard_head_selection(
     chosen, low, high = 1.0, 0, len(fractions) - 1
     while low <= high:
         middle = (low + high) // 2
-        unet = copy.deepcopy(pipe.unet)
+        unet = copy.deepcopy(denoiser(pipe))
         candidate = replace(config, threshold=fractions[middle])
         report = apply_head_pruning_(unet, plan_head_pruning(profile, candidate))
         worst, mean = seed_ssim(pipe, unet, profile, reference, gen)

@@ -50,6 +50,7 @@ from fragjobs.extraction.lowrank import (
     install_low_rank_,
     load_low_rank_tensors,
 )
+from fragjobs.families import family_of
 
 GROUP_OFFLOAD_TYPES = ("block_level", "leaf_level")
 
@@ -187,7 +188,7 @@ def load_fragment_pipeline(
     The other components load as in :func:`~fragjobs.base_models.load_base`. ``placement``
     puts diffusers' group offloading or layerwise casting on the UNet; ``int8_execution``
     is :func:`build_fragment_unet`'s (read the mode used back with
-    ``fragjobs.extraction.int8_exec.int8_execution(loaded.pipe.unet)``).
+    ``int8_execution(fragjobs.families.denoiser(loaded.pipe))``).
 
     Raises:
         BaseModelMismatchError: ``model`` is not the fragment's base (checked by sha256
@@ -230,17 +231,19 @@ def place_unet(
     from fragjobs.config import get_settings
 
     pipe = loaded.pipe
+    family = family_of(pipe)
+    unet = getattr(pipe, family.denoiser)
     if placement.storage_dtype is not None:
         apply_layerwise_casting(
-            pipe.unet, storage_dtype=placement.storage_dtype, compute_dtype=pipe.unet.dtype
+            unet, storage_dtype=placement.storage_dtype, compute_dtype=unet.dtype
         )
     if placement.group_offload is not None:
         target = resolve_device(device or (settings or get_settings()).device)
         for name, component in pipe.components.items():
-            if name != "unet" and isinstance(component, nn.Module):
+            if name != family.denoiser and isinstance(component, nn.Module):
                 component.to(target)
         apply_group_offloading(
-            pipe.unet,
+            unet,
             onload_device=target,
             offload_device=torch.device("cpu"),
             offload_type=placement.group_offload,

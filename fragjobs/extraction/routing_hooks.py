@@ -1,22 +1,23 @@
 """The diffusers hooks that carry out a :class:`~fragjobs.extraction.schedule.CachingSchedule`.
 
 * a step counter on the UNet (a timestep higher than the last one starts a new generation);
-* when the schedule has CFG-reuse steps, a hook on the UNet that, on those steps, runs only
-  the conditional half of the ``[uncond; cond]`` batch and rebuilds the unconditional output
-  as ``cond - d``, ``d`` the guidance difference of the last step that ran both halves;
+* when the schedule has CFG-reuse steps, a hook on the UNet that, on those steps, runs only the
+  conditional half of the ``[uncond; cond]`` batch and rebuilds the unconditional output as
+  ``cond - d``, ``d`` the guidance difference of the last step that ran both halves;
 * one cache hook per block that is not recomputed every step: it runs the block on its
   recompute steps and otherwise returns its last output, or the forecast of its last outputs
-  (:mod:`fragjobs.extraction.forecast`). On a CFG-reuse step a computed block's cache moves
-  both halves by the conditional half's change (the guidance difference is held), and a
-  skipped block returns the conditional half of its cache, so caches always hold the full
-  batch;
-* with a probe, :data:`~fragjobs.extraction.schedule.PROBE_BLOCK` runs every step and, when a
-  sample's change of its output since the last full step exceeds the profiled change by the
-  schedule's margin, makes every block recompute at this step (it runs first in the UNet).
+  (:mod:`fragjobs.extraction.forecast`). For a family whose blocks run in sequence (a
+  transformer's, :mod:`fragjobs.families`) the hook keeps the block's residual (output minus
+  input) instead and returns the current input plus the reused or forecast residual. On a CFG-
+  reuse step a computed block's cache moves both halves by the conditional half's change (the
+  guidance difference is held), and a skipped block returns the conditional half of its cache,
+  so caches always hold the full batch;
+* with a probe, the first block runs every step and, when a sample's change of its output
+  (residual) since the last full step exceeds the profiled change by the schedule's margin,
+  makes every block recompute at this step (it runs first).
 
 Every hook is removable by name (:func:`remove_block_caching`) and resets with the pipeline's
-``reset_stateful_hooks``; after removal the UNet computes exactly as before they were added.
-"""
+``reset_stateful_hooks``; after removal the UNet computes exactly as before they were added."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from fragjobs.extraction.forecast import (
     map_tensors,
     zip_tensors,
 )
-from fragjobs.extraction.schedule import PROBE_BLOCK, CachingSchedule
-from fragjobs.profiling import unet_blocks
+from fragjobs.extraction.schedule import CachingSchedule
+from fragjobs.families import denoiser_blocks, denoiser_family, first_block, level_output_blocks
 
 STEP_COUNTER_HOOK = "fragjobs_step_counter"
 BLOCK_CACHE_HOOK = "fragjobs_block_cache"
@@ -161,12 +162,15 @@ class BlockCacheHook(ModelHook):
         *,
         order: int = 0,
         probe: tuple[tuple[float, ...], float, frozenset[int]] | None = None,
+        forecastable: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         self.name, self.state, self.order = name, state, order
         self.recompute = frozenset(recompute)
         self.horizon = horizon  # past the schedule's steps every step computes
-        self.keep = MAX_ORDER + 1 if order or name.startswith("up_blocks") else 1
+        self.keep = MAX_ORDER + 1 if order or forecastable else 1
+        self.residual = residual  # keep output - input; a skip returns input + residual
         self.probe = probe  # (profiled change per step, margin, full steps)
         self.history: list[tuple[int, Any]] = []
         self.drift: Any = 0.0  # per sample, since the last full step
@@ -178,8 +182,11 @@ class BlockCacheHook(ModelHook):
         run = not self.history or outside or state.force or step in self.recompute
         if not run and self.probe is None:
             predicted = self._predicted(step)
-            return map_tensors(lambda t: t[state.half :], predicted) if state.half else predicted
-        out = self.fn_ref.original_forward(*args, **kwargs)
+            if state.half:
+                predicted = map_tensors(lambda t: t[state.half :], predicted)
+            return _input_of(args, kwargs) + predicted if self.residual else predicted
+        result = self.fn_ref.original_forward(*args, **kwargs)
+        out = result - _input_of(args, kwargs) if self.residual else result
         if self.probe is not None and self.history and not outside:
             self._probe(step, out)
         if state.half and self.history:  # both halves move by the cond half's change
@@ -192,7 +199,7 @@ class BlockCacheHook(ModelHook):
         if outside or (self.history and step <= self.history[-1][0]):
             self.history = []
         self.history = [*self.history, (step, out_full)][-self.keep :]
-        return out
+        return result
 
     def _predicted(self, step: int) -> Any:
         return forecast(self.history, step, self.order) if self.order else self.history[-1][1]
@@ -223,6 +230,11 @@ class BlockCacheHook(ModelHook):
         return module
 
 
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A sequential block's input hidden states (its first argument)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
 def _shift_both_halves(cached: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """The full-batch cache moved by the change of its conditional half to ``cond``."""
     change = cond - cached[cached.shape[0] - cond.shape[0] :]
@@ -232,7 +244,8 @@ def _shift_both_halves(cached: torch.Tensor, cond: torch.Tensor) -> torch.Tensor
 def apply_block_caching(
     unet: torch.nn.Module, schedule: CachingSchedule, *, measure: bool = False
 ) -> RoutingState:
-    """Attach the schedule's hooks to ``unet`` (replacing any earlier block caching).
+    """Attach the schedule's hooks to the denoiser ``unet`` (a UNet or a transformer; replacing
+    any earlier block caching).
 
     ``measure``: also record, in the returned state, each order's forecast error and the
     guidance difference's change per step (what a search chooses orders and CFG steps by).
@@ -245,7 +258,8 @@ def apply_block_caching(
         InvalidInputError: the schedule names a block ``unet`` does not have.
     """
     remove_block_caching(unet)
-    blocks = unet_blocks(unet)
+    blocks = denoiser_blocks(unet)
+    residual = denoiser_family(unet).residual_cache
     unknown = sorted(set(schedule.recompute) - set(blocks))
     if unknown:
         raise InvalidInputError(f"caching schedule names unknown blocks: {unknown}")
@@ -256,10 +270,12 @@ def apply_block_caching(
         registry.register_hook(CfgReuseHook(state, schedule.cfg_steps), CFG_REUSE_HOOK)
     registry.register_hook(StepCounterHook(state), STEP_COUNTER_HOOK)
     probe = None
-    if schedule.probe_change and schedule.probe_margin is not None and PROBE_BLOCK in blocks:
+    probe_block = first_block(blocks)
+    if schedule.probe_change and schedule.probe_margin is not None:
         probe = (schedule.probe_change, schedule.probe_margin, schedule.full_steps())
+    forecastable = set(level_output_blocks(blocks))
     for name, steps in schedule.recompute.items():
-        probed = probe is not None and name == PROBE_BLOCK
+        probed = probe is not None and name == probe_block
         if len(steps) >= schedule.steps and not probed and not schedule.cfg_steps:
             continue  # recomputed every step, full batch: no hook needed
         hook = BlockCacheHook(
@@ -269,6 +285,8 @@ def apply_block_caching(
             schedule.steps,
             order=schedule.forecast_orders.get(name, 0),
             probe=probe if probed else None,
+            forecastable=name in forecastable,
+            residual=residual,
         )
         HookRegistry.check_if_exists_or_initialize(blocks[name]).register_hook(
             hook, BLOCK_CACHE_HOOK
@@ -282,7 +300,7 @@ def remove_block_caching(unet: torch.nn.Module) -> None:
     if hasattr(unet, "_diffusers_hook"):
         unet._diffusers_hook.remove_hook(STEP_COUNTER_HOOK, recurse=False)
         unet._diffusers_hook.remove_hook(CFG_REUSE_HOOK, recurse=False)
-    for block in unet_blocks(unet).values():
+    for block in denoiser_blocks(unet).values():
         if hasattr(block, "_diffusers_hook"):
             block._diffusers_hook.remove_hook(BLOCK_CACHE_HOOK, recurse=False)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PROBE_BLOCK = "down_blocks.0"
+from fragjobs.families import first_block
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,10 @@ class CachingSchedule:
             :mod:`fragjobs.extraction.forecast`).
         cfg_steps: steps on which only the conditional half of the CFG batch runs and the
             unconditional output is rebuilt from the last computed guidance difference.
-        probe_change: the profiled mean relative change of :data:`PROBE_BLOCK`'s output at
+        probe_change: the profiled mean relative change of the first block's output at
             each step (``steps - 1`` values); empty: no run-time probe.
         probe_margin: the probe forces every block to recompute when a sample's change of
-            :data:`PROBE_BLOCK` accumulated since the last full step exceeds
+            the first block (:meth:`probe_block`) accumulated since the last full step exceeds
             ``probe_margin`` × the profiled change over the same steps.
     """
 
@@ -41,6 +41,10 @@ class CachingSchedule:
     cfg_steps: tuple[int, ...] = ()
     probe_change: tuple[float, ...] = ()
     probe_margin: float | None = None
+
+    def probe_block(self) -> str:
+        """The block the run-time probe watches: the first the denoiser runs."""
+        return first_block(self.recompute)
 
     def skipped_fraction(self) -> float:
         """Fraction of block evaluations skipped (unweighted)."""
@@ -57,13 +61,14 @@ def routed_cost(schedule: CachingSchedule) -> float:
     """Estimated fraction of the UNet's block time spent, with CFG reuse and the probe.
 
     A block computed on a CFG-reuse step runs on half the batch (half the time); the probe
-    computes :data:`PROBE_BLOCK` on every step.
+    computes the first block on every step.
     """
     times, steps = schedule.block_time_ms, schedule.steps
+    probe = schedule.probe_block() if schedule.probe_change else None
     cfg = set(schedule.cfg_steps)
     total = sum(times.get(b, 1.0) for b in schedule.recompute) or 1.0
     spent = 0.0
     for block, recompute in schedule.recompute.items():
-        run = set(range(steps)) if schedule.probe_change and block == PROBE_BLOCK else recompute
+        run = set(range(steps)) if block == probe else recompute
         spent += times.get(block, 1.0) * sum(0.5 if t in cfg else 1.0 for t in run) / steps
     return round(spent / total, 6)

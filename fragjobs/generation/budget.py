@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from fragjobs.errors import ConfigError
+from fragjobs.families import SD, PipelineFamily, denoiser, family_of
 from fragjobs.generation.generate import GenerationConfig
 from fragjobs.generation.memory import process_rss_bytes, weight_bytes
 
@@ -37,9 +38,8 @@ BUDGET_VARIABLE = "FRAGJOBS_MEMORY_BUDGET_MB"
 FREE_MEMORY_FRACTION = 0.8
 MIB = 2**20
 
-# Rough multipliers of the estimate (the first batch's measurement replaces it): tensors alive
-# at once beside the skip connections at the UNet's widest level, and in the VAE decoder.
-_UNET_WORKING_COPIES = 8
+# A rough multiplier of the estimate (the first batch's measurement replaces it): tensors alive
+# at once in the VAE decoder (the denoiser's are its family's, fragjobs.families).
 _VAE_WORKING_COPIES = 4
 
 
@@ -154,10 +154,12 @@ def estimate_per_sample_bytes(
     """Estimated peak memory one image adds to a batch of ``pipe`` (see
     :func:`estimate_from_configs`), in the UNet's dtype."""
     tile = getattr(pipe.vae, "tile_sample_min_size", None) if tiled else None
+    module = denoiser(pipe)
     return estimate_from_configs(
-        pipe.unet.config,
+        module.config,
         pipe.vae.config,
-        element_bytes=pipe.unet.dtype.itemsize,
+        family=family_of(pipe),
+        element_bytes=module.dtype.itemsize,
         height=config.height,
         width=config.width,
         guidance_scale=config.guidance_scale,
@@ -178,34 +180,28 @@ def estimate_from_configs(
     sliced: bool = False,
     tiled: bool = False,
     tile: int | None = None,
+    family: PipelineFamily | None = None,
 ) -> int:
-    """Estimated peak memory one image adds to a batch, from the UNet's and VAE's configs.
+    """Estimated peak memory one image adds to a batch, from the denoiser's and VAE's configs.
 
-    The UNet's activations (skip connections of every level plus working tensors at the
-    widest one, twice with classifier-free guidance) and its largest self-attention score
-    matrix (halved by attention slicing), the VAE decoder's full-resolution activations
+    The denoiser's activations as its ``family`` estimates them (default SD's UNet: skip
+    connections of every level plus working tensors at the widest one, and its largest
+    self-attention score matrix, halved by attention slicing; twice with classifier-free
+    guidance), the VAE decoder's full-resolution activations
     (reduced to one ``tile`` — default the VAE's sample size — by tiling) and the output
     image. A rough figure, made to be replaced by the measurement on the first batch; the
     doctor's capacity line uses it too, before any model is loaded.
     """
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     latent_h, latent_w = height // scale, width // scale
-    channels = list(unet["block_out_channels"])
-    heads = unet["attention_head_dim"]
-    heads = list(heads) if isinstance(heads, list | tuple) else [heads] * len(channels)
-    layers = unet["layers_per_block"]
-    layers = max(layers) if isinstance(layers, list | tuple) else layers
-    activations, attention = 0, 0
-    for level, (channel, level_heads) in enumerate(zip(channels, heads, strict=True)):
-        pixels = (latent_h >> level) * (latent_w >> level)
-        activations += pixels * channel * (layers + 1) * 2
-        if "CrossAttn" in unet["down_block_types"][level]:
-            attention = max(attention, level_heads * pixels * pixels)
-    activations += latent_h * latent_w * channels[0] * _UNET_WORKING_COPIES
-    if sliced:
-        attention //= 2
-    guidance = 2 if guidance_scale > 1 else 1
-    unet_bytes = guidance * element_bytes * (activations + attention)
+    unet_bytes = (family or SD).sample_bytes(
+        unet,
+        latent_h,
+        latent_w,
+        element_bytes=element_bytes,
+        guidance=2 if guidance_scale > 1 else 1,
+        sliced=sliced,
+    )
 
     vae_pixels = height * width
     if tiled:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fragjobs.families import family_of
 from fragjobs.keys import check_int, check_seeds, normalise_prompt
 
 
@@ -37,14 +38,15 @@ class GenerationConfig:
 
 
 def with_unet(pipe: Any, unet: torch.nn.Module) -> Any:
-    """A pipeline of the same class sharing every component but ``unet``.
+    """A pipeline of the same class sharing every component but its denoiser, ``unet`` (the
+    family's: :func:`fragjobs.families.denoiser`, a UNet or a transformer).
 
     A shallow copy, so whatever the pipeline's class keeps besides its components comes
     along unchanged (SDXL's ``force_zeros_for_empty_prompt`` and watermarker, the base's
-    identity); only the copy's ``unet`` (and its config entry) is replaced.
+    identity); only the copy's denoiser is replaced.
     """
     new = copy.copy(pipe)
-    new.unet = unet
+    setattr(new, family_of(pipe).denoiser, unet)
     new.set_progress_bar_config(disable=True)
     return new
 
@@ -110,6 +112,7 @@ def _pipeline_batches(
                 num_images_per_prompt=len(batch),
                 generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
                 output_type=output_type,
+                **family_of(pipe).call_kwargs,
             ).images
             bar.update(len(batch))
 

@@ -14,7 +14,8 @@ one batch and prints one JSON object:
   (:func:`fragjobs.generation.memory.release_freed_heap`);
 * ``rss_peak_bytes``: the process's peak RSS (``VmHWM``) minus the same baseline: loading,
   building the fragment's UNet and the batch;
-* ``unet_bytes``: parameter and buffer bytes of the UNet it generated with;
+* ``unet_bytes``: parameter and buffer bytes of the denoiser (UNet or transformer) it
+  generated with;
 * ``int8_execution``: how a fragment's int8 layers computed
   (:func:`fragjobs.extraction.int8_exec.set_int8_execution_`; ``float``: dequantised once at
   load, so they hold float weights), null without int8 layers;
@@ -82,7 +83,13 @@ def load_for_probe(
             from fragjobs.extraction.lean_load import load_fragment_pipeline
 
             fragment = load_fragment_folder(fragment_dir)
-            loaded = load_fragment_pipeline(model, fragment, device=device, settings=settings)
+            loaded = load_fragment_pipeline(
+                model,
+                fragment,
+                device=device,
+                settings=settings,
+                int8_execution=settings.int8_execution,
+            )
             del fragment
     info = loaded.info
     side = size or info.height
@@ -114,6 +121,7 @@ def probe(
     import transformers
 
     from fragjobs.extraction.int8_exec import int8_execution
+    from fragjobs.families import denoiser
     from fragjobs.generation.generate import generate_images
     from fragjobs.generation.memory import (
         peak_rss_bytes,
@@ -163,8 +171,8 @@ def probe(
         "rss_held_bytes": held_rss - baseline,
         "rss_held_trimmed_bytes": process_rss_bytes() - baseline,
         "rss_peak_bytes": peak - baseline,
-        "unet_bytes": weight_bytes(pipe.unet),
-        "int8_execution": int8_execution(pipe.unet),
+        "unet_bytes": weight_bytes(denoiser(pipe)),
+        "int8_execution": int8_execution(denoiser(pipe)),
         "cuda_max_allocated_bytes": None if not cuda else max(whole_process, batch_peak),
         "cuda_batch_max_allocated_bytes": batch_peak,
     }

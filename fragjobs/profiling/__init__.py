@@ -1,12 +1,12 @@
 """Per-head, per-block and per-layer statistics of a pipeline on one prompt."""
 
+from fragjobs.families import denoiser_blocks
 from fragjobs.profiling.processor import ProfilingAttnProcessor, RecordingState
 from fragjobs.profiling.profile import (
     ProfileConfig,
     PromptProfile,
     attention_modules,
     profile_prompt,
-    unet_blocks,
 )
 
 __all__ = [
@@ -15,6 +15,6 @@ __all__ = [
     "PromptProfile",
     "RecordingState",
     "attention_modules",
+    "denoiser_blocks",
     "profile_prompt",
-    "unet_blocks",
 ]

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from fragjobs.errors import InvalidInputError, ManifestError
+from fragjobs.families import denoiser, denoiser_blocks, family_of
 from fragjobs.keys import (
     PROFILE_IMPORTANCE_FILE,
     PROFILE_STATS_FILE,
@@ -217,19 +218,10 @@ class PromptProfile:
 
 
 def attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every diffusers ``Attention`` module of the UNet, by qualified name."""
+    """Every diffusers ``Attention`` module of the denoiser (UNet or transformer), by name."""
     from diffusers.models.attention_processor import Attention
 
     return {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
-
-
-def unet_blocks(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The UNet's down, mid and up blocks, by qualified name."""
-    blocks = {f"down_blocks.{i}": b for i, b in enumerate(unet.down_blocks)}
-    if getattr(unet, "mid_block", None) is not None:
-        blocks["mid_block"] = unet.mid_block
-    blocks.update({f"up_blocks.{i}": b for i, b in enumerate(unet.up_blocks)})
-    return blocks
 
 
 @torch.no_grad()
@@ -247,7 +239,7 @@ def profile_prompt(
     prompt_text = prompt.strip() if isinstance(prompt, str) else prompt
     normalise_prompt(prompt)
     config = config or ProfileConfig()
-    unet = pipe.unet
+    unet = denoiser(pipe)
     seeds = list(config.seeds)
     n = len(seeds)
     cfg = config.guidance_scale > 1.0
@@ -271,7 +263,7 @@ def profile_prompt(
         state.recording = step["i"] in sampled
 
     handles.append(unet.register_forward_pre_hook(on_unet_call))
-    for block_name, block in unet_blocks(unet).items():
+    for block_name, block in denoiser_blocks(unet).items():
         handles += _timing_and_change_hooks(
             block_name, block, n, previous, changes, times, lambda: state.recording
         )
@@ -288,6 +280,7 @@ def profile_prompt(
             height=config.height,
             width=config.width,
             output_type="latent",
+            **family_of(pipe).call_kwargs,
             callback_on_step_end=lambda _p, _i, _t, kw: (bar.update(1), kw)[1],
         ).images
     finally:
@@ -354,19 +347,23 @@ def _timing_and_change_hooks(name, block, n, previous, changes, times, recording
 
 
 def _word_token_mask(pipe: Any, prompt: str, n: int, cfg: bool) -> torch.Tensor:
-    # SDXL concatenates its two encoders' states feature-wise, token by token, and both
-    # tokenizers split a prompt alike (CLIP's BPE): the first one's mask serves both.
-    tokens = pipe.tokenizer(
-        prompt,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
+    """1 on the prompt's word tokens, over the text length the denoiser attends to.
+
+    SDXL concatenates its two encoders' states feature-wise, token by token, and both
+    tokenizers split a prompt alike (CLIP's BPE): the first one's mask serves both. A start
+    token (an attention sink) and the end token are not words.
+    """
+    tokenizer = pipe.tokenizer
+    length = family_of(pipe).text_tokens or tokenizer.model_max_length
+    tokens = tokenizer(
+        prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     )
-    mask = tokens.attention_mask[0].clone().float()
-    mask[0] = 0.0  # the start token is an attention sink, not a word of the prompt
-    length = int(tokens.attention_mask[0].sum())
-    mask[length - 1] = 0.0  # the end token
+    ids, mask = tokens.input_ids[0], tokens.attention_mask[0].clone().float()
+    used = int(tokens.attention_mask[0].sum())
+    if tokenizer.bos_token_id is not None and int(ids[0]) == tokenizer.bos_token_id:
+        mask[0] = 0.0
+    if tokenizer.eos_token_id is not None and int(ids[used - 1]) == tokenizer.eos_token_id:
+        mask[used - 1] = 0.0
     cond = mask.expand(n, -1)
     return torch.cat([torch.zeros_like(cond), cond]) if cfg else cond
 

@@ -1,7 +1,7 @@
 """The whole chain on tiny-sd, embedded: files, rows, integrity, fallbacks and bad input.
 
 The end-to-end run and the integrity checks (flipped byte, wrong base, truncated, rehashed or
-missing file) run on each UNet family's tiny built-in: tiny-sd and tiny-sdxl."""
+missing file) run on each family's tiny built-in: tiny-sd, tiny-sdxl and tiny-pixart."""
 
 from __future__ import annotations
 
@@ -25,16 +25,17 @@ from fragjobs.errors import (
     NotFoundError,
     UnknownModelError,
 )
+from fragjobs.families import family_of
 from fragjobs.keys import FRAGMENT_FILE, MANIFEST_FILE, fragment_object
 
 PROMPT = "a dog on a jet ski"
 STATUSES = {"PASS", "WARN", "FAIL", "UNAVAILABLE"}
-MODELS = ["tiny-sd", "tiny-sdxl"]
+MODELS = ["tiny-sd", "tiny-sdxl", "tiny-pixart"]
 
 
 @pytest.fixture(params=MODELS)
 def model(request) -> str:
-    """Each UNet family's tiny built-in."""
+    """Each family's tiny built-in (SD, SDXL, PixArt-α)."""
     return request.param
 
 
@@ -235,6 +236,7 @@ def test_apply_fragment_to_own_pipeline(ws, tmp_path, model):
         width=64,
         generator=torch.Generator().manual_seed(val.seeds[0]),
         output_type="pt",
+        **family_of(pipe).call_kwargs,  # PixArt: no resolution binning at the toy's size
     ).images
     assert torch.allclose(images[0], val.fragment_images[0], atol=1e-4)
 
@@ -294,7 +296,8 @@ def test_truncated_rehashed_or_missing_fragment_file_is_refused(ws, tmp_path, mo
         (
             {"model": "no-such-model"},
             UnknownModelError,
-            "Available: sd15-shape, sdxl-shape, shapes, tiny-sd, tiny-sdxl",
+            "Available: pixart-shape, sd15-shape, sdxl-shape, shapes, tiny-pixart, tiny-sd, "
+            "tiny-sdxl",
         ),
         ({"model": "/no/such/folder"}, UnknownModelError, "unknown model"),
     ],

@@ -10,10 +10,10 @@ import pytest
 from fragjobs import chain
 
 
-@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl", "tiny-pixart"])
 def model_folder(request, tmp_path_factory):
     """A diffusers folder written by ``save_pretrained``: tiny-sd's architecture (SD 1.x),
-    then tiny-sdxl's (StableDiffusionXLPipeline)."""
+    tiny-sdxl's (StableDiffusionXLPipeline), tiny-pixart's (PixArtAlphaPipeline, a DiT)."""
     from fragjobs.builtin import BUILTINS
 
     folder = tmp_path_factory.mktemp("models") / "my-sd-folder"

@@ -60,7 +60,7 @@ def test_plan_nests_levels_and_accumulates_change_until_the_budget():
     assert all(0 in s and 1 in s and 2 in s for s in deep.recompute.values())
     with pytest.raises(InvalidInputError, match="same number of steps"):
         plan_block_caching(changes, {}, steps=8, delta=0.25)
-    with pytest.raises(InvalidInputError, match="UNet block names"):
+    with pytest.raises(InvalidInputError, match="not the block names of a supported denoiser"):
         plan_block_caching({"a": [0.1] * 5}, {}, steps=6, delta=0.25)
     assert BlockCachingConfig(warmup=0.2).warmup_steps(20) == 4
     assert BlockCachingConfig(warmup=0.0).warmup_steps(20) == 1  # step 0 always computes
@@ -92,9 +92,9 @@ def test_candidates_are_distinct_and_sorted_by_estimated_cost():
 
 
 def _every_block(unet, steps):
-    from fragjobs.profiling import unet_blocks
+    from fragjobs.profiling import denoiser_blocks
 
-    return {name: steps for name in unet_blocks(unet)}
+    return {name: steps for name in denoiser_blocks(unet)}
 
 
 def test_recomputing_every_step_is_exact_and_removal_restores(tiny_pipe):

@@ -162,3 +162,29 @@ def test_tiny_sd_unet_in_int_mm_mode_keeps_its_output_close(tmp_path):
         actual = fast(sample, 10, encoder_hidden_states=context).sample
     error = float((actual - expected).abs().max() / expected.abs().max())
     assert 0 < error < 0.05
+
+
+def test_the_setting_chooses_how_the_chains_fragment_computes(settings, monkeypatch):
+    """FRAGJOBS_INT8_EXECUTION reaches the fragment the chain builds for generation; a bad
+    value is one ConfigError line."""
+    from fragjobs.chain.fragments import fragment_unet
+    from fragjobs.config import get_settings
+    from fragjobs.errors import ConfigError
+    from fragjobs.extraction import ExtractionConfig, HeadSelectionConfig, extract_fragment
+    from fragjobs.profiling import ProfileConfig, profile_prompt
+
+    loaded = load_base("tiny-sd", device="cpu", settings=settings)
+    prof = profile_prompt(
+        loaded.pipe, "a red circle", ProfileConfig(seeds=(0,), steps=2), progress=False
+    )
+    config = ExtractionConfig(heads=HeadSelectionConfig(threshold=1.0), caching=None)
+    fragment, _ = extract_fragment(loaded.pipe, loaded.info, prof, config, profile_id="p")
+    assert fragment.manifest.compression.int8.precision_map  # it has int8 layers
+    assert int8_execution(fragment_unet(loaded, fragment)) == "float"  # auto on a CPU
+    monkeypatch.setenv("FRAGJOBS_INT8_EXECUTION", "dequantize")
+    get_settings.cache_clear()
+    assert int8_execution(fragment_unet(loaded, fragment)) == "dequantize"
+    monkeypatch.setenv("FRAGJOBS_INT8_EXECUTION", "fast")
+    get_settings.cache_clear()
+    with pytest.raises(ConfigError, match="FRAGJOBS_INT8_EXECUTION"):
+        fragment_unet(loaded, fragment)

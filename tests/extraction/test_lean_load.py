@@ -30,6 +30,7 @@ from fragjobs.extraction.lean_load import (
     module_reader,
 )
 from fragjobs.extraction.lowrank import LowRankConfig
+from fragjobs.families import denoiser, family_of
 from fragjobs.generation.generate import GenerationConfig, generate_images
 from fragjobs.profiling import ProfileConfig, profile_prompt
 
@@ -51,7 +52,7 @@ def _saved_fragment(model: str, data_dir: Path, folder: Path):
     return loaded, settings
 
 
-@pytest.fixture(scope="module", params=["tiny-sd", "shapes"])
+@pytest.fixture(scope="module", params=["tiny-sd", "shapes", "tiny-pixart"])
 def base_and_fragment(request, tmp_path_factory):
     """A base (loaded in full) and a saved fragment of it using every technique."""
     root = tmp_path_factory.mktemp(request.param)
@@ -60,8 +61,9 @@ def base_and_fragment(request, tmp_path_factory):
 
 
 def _images(pipe, unet, steps=4) -> torch.Tensor:
-    saved = pipe.unet
-    pipe.unet = unet
+    component = family_of(pipe).denoiser
+    saved = getattr(pipe, component)
+    setattr(pipe, component, unet)
     try:
         side = 64
         gen = GenerationConfig(
@@ -69,11 +71,15 @@ def _images(pipe, unet, steps=4) -> torch.Tensor:
         )
         return generate_images(pipe, PROMPT, [3], gen)
     finally:
-        pipe.unet = saved
+        setattr(pipe, component, saved)
+
+
+def _input_layer(module) -> str:
+    return next(n for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d))
 
 
 def _replayed(loaded, fragment):
-    unet = copy.deepcopy(loaded.pipe.unet)
+    unet = copy.deepcopy(denoiser(loaded.pipe))
     apply_fragment_to_unet_(unet, fragment, loaded.info)
     return unet
 
@@ -87,9 +93,9 @@ def test_lean_pipeline_has_the_replayed_unet_and_images(base_and_fragment):
     lean = load_fragment_pipeline(
         model, fragment, device="cpu", settings=settings, int8_execution="dequantize"
     )
-    assert int8_execution(lean.pipe.unet) == "dequantize"
+    assert int8_execution(denoiser(lean.pipe)) == "dequantize"
 
-    expected, actual = replayed.state_dict(), lean.pipe.unet.state_dict()
+    expected, actual = replayed.state_dict(), denoiser(lean.pipe).state_dict()
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert all(not t.is_meta for t in actual.values())
@@ -100,16 +106,18 @@ def test_lean_pipeline_has_the_replayed_unet_and_images(base_and_fragment):
         base_sd = getattr(loaded.pipe, name).state_dict()
         lean_sd = getattr(lean.pipe, name).state_dict()
         assert all(torch.equal(base_sd[k], lean_sd[k]) for k in base_sd)
-    assert torch.equal(_images(loaded.pipe, replayed), _images(lean.pipe, lean.pipe.unet))
+    assert torch.equal(_images(loaded.pipe, replayed), _images(lean.pipe, denoiser(lean.pipe)))
 
 
 def test_unet_built_on_a_loaded_base_shares_its_unchanged_tensors(base_and_fragment):
     _, loaded, _, folder = base_and_fragment
     fragment = load_fragment_folder(folder)
-    base = loaded.pipe.unet
+    base = denoiser(loaded.pipe)
     unet = build_fragment_unet(empty_unet_like(base), fragment, module_reader(base))
-    assert unet.conv_in.weight.data_ptr() == base.conv_in.weight.data_ptr()  # not copied
-    assert unet.conv_in.weight is not base.conv_in.weight  # own Parameter objects
+    first = _input_layer(base)  # conv_in, PixArt's patch embedding: kept in float
+    ours, theirs = unet.get_submodule(first).weight, base.get_submodule(first).weight
+    assert ours.data_ptr() == theirs.data_ptr()  # not copied
+    assert ours is not theirs  # own Parameter objects
     assert torch.equal(
         _images(loaded.pipe, _replayed(loaded, fragment)), _images(loaded.pipe, unet)
     )
@@ -119,7 +127,7 @@ def test_default_load_dequantises_once_on_cpu_with_the_same_images(base_and_frag
     model, loaded, settings, folder = base_and_fragment
     fragment = load_fragment_folder(folder)
     lean = load_fragment_pipeline(model, fragment, device="cpu", settings=settings)
-    unet = lean.pipe.unet
+    unet = denoiser(lean.pipe)
     # no int8 matmul is faster than float on CPU: int8 layers hold float weights
     assert int8_execution(unet) == "float"
     assert not [k for k in unet.state_dict() if k.endswith(".weight_int8")]
@@ -163,9 +171,9 @@ def test_group_offloading_from_diffusers_keeps_the_images(base_and_fragment):
     )
     from diffusers.hooks import HookRegistry
 
-    assert HookRegistry.check_if_exists_or_initialize(offloaded.pipe.unet.down_blocks[0]).hooks
+    assert HookRegistry.check_if_exists_or_initialize(denoiser(offloaded.pipe).down_blocks[0]).hooks
     expected = _images(loaded.pipe, _replayed(loaded, fragment))
-    assert torch.equal(expected, _images(offloaded.pipe, offloaded.pipe.unet))
+    assert torch.equal(expected, _images(offloaded.pipe, denoiser(offloaded.pipe)))
 
 
 def test_layerwise_casting_stores_float_weights_in_the_storage_dtype(base_and_fragment):
@@ -181,10 +189,10 @@ def test_layerwise_casting_stores_float_weights_in_the_storage_dtype(base_and_fr
         placement=UnetPlacement(storage_dtype=torch.bfloat16),
         int8_execution="dequantize",
     )
-    assert cast.pipe.unet.conv_in.weight.dtype == torch.bfloat16
-    int8 = [t for k, t in cast.pipe.unet.state_dict().items() if k.endswith(".weight_int8")]
+    assert denoiser(cast.pipe).conv_in.weight.dtype == torch.bfloat16
+    int8 = [t for k, t in denoiser(cast.pipe).state_dict().items() if k.endswith(".weight_int8")]
     assert int8 and all(t.dtype == torch.int8 for t in int8)
-    images = _images(cast.pipe, cast.pipe.unet)
+    images = _images(cast.pipe, denoiser(cast.pipe))
     assert images.isfinite().all() and images.shape == (1, 3, 64, 64)
 
 

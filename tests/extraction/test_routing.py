@@ -21,10 +21,10 @@ from fragjobs.extraction.caching import (
 )
 from fragjobs.extraction.caching_plan import calibrate_probe, plan_cfg_steps
 from fragjobs.extraction.forecast import ForecastErrors, forecast, lagrange_weights
-from fragjobs.extraction.schedule import PROBE_BLOCK, routed_cost
+from fragjobs.extraction.schedule import routed_cost
 from fragjobs.generation import GenerationConfig, generate_images, with_unet
 from fragjobs.manifest import FragmentManifest
-from fragjobs.profiling import unet_blocks
+from fragjobs.profiling import denoiser_blocks
 
 GEN = GenerationConfig(steps=6, guidance_scale=7.5, height=64, width=64, batch_size=2)
 PROMPT = "a blue square at the top"
@@ -35,7 +35,7 @@ RESULTS = Path(__file__).parents[2] / "docs" / "results"
 def _schedule(unet, **parts) -> CachingSchedule:
     """Level 0 every step, deeper blocks at steps 0, 1, 2 and 5 (three-level tiny UNet)."""
     recompute = {}
-    for name in unet_blocks(unet):
+    for name in denoiser_blocks(unet):
         shallow = name in ("down_blocks.0", f"up_blocks.{len(unet.up_blocks) - 1}")
         recompute[name] = tuple(range(6)) if shallow else (0, 1, 2, 5)
     return CachingSchedule(6, recompute, 0.25, 0.5, warmup_steps=2, **parts)
@@ -91,7 +91,7 @@ def test_every_part_changes_the_images_and_removal_restores_the_unet(tiny_pipe):
     unet = copy.deepcopy(tiny_pipe.unet)
     full = _images(tiny_pipe, unet)
     plain = _schedule(unet)
-    orders = {name: 1 for name in unet_blocks(unet) if name.startswith("up_blocks")}
+    orders = {name: 1 for name in denoiser_blocks(unet) if name.startswith("up_blocks")}
     probe = (tuple([1e-6] * 5), 1.0)  # any movement is a drift: the probe always fires
     variants = {
         "plain": plain,
@@ -148,7 +148,7 @@ def test_manifests_written_before_load_and_serialise_unchanged():
         schedule = caching_schedule(manifest)
         assert schedule is not None and schedule.forecast_orders == {}
         assert (schedule.cfg_steps, schedule.probe_change, schedule.probe_margin) == ((), (), None)
-    assert PROBE_BLOCK == "down_blocks.0"
+    assert schedule.probe_block() == "down_blocks.0"  # the UNet runs its first down block first
 
 
 def test_switches_off_keep_the_key_params_of_before():

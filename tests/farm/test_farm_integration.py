@@ -294,6 +294,23 @@ def test_chain_runs_across_two_nodes_on_postgres_and_s3(cluster):
     assert job.progress()["state"] == "SUCCESS" and result.errors == []
 
 
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-pixart"])
+def test_the_other_families_run_the_chain_on_the_nodes(cluster, model):
+    """SDXL and the DiT family through the same tasks, workers and library as tiny-sd."""
+    job = cluster.farm.submit(PROMPT, variants=4, model=model, batch_size=2)
+    result = job.wait(timeout=CHAIN_TIMEOUT_S)
+    assert job.progress()["state"] == "SUCCESS" and result.errors == []
+    lineage = result.lineage
+    assert lineage["base_model"]["name"] == model
+    fragment = cluster.farm.catalog.get_fragment(lineage["fragment_key"])
+    assert fragment.key.startswith(f"{model}_") and fragment.status in ("ready", "failed_gate")
+    assert cluster.bucket.store.get_bytes(
+        _object(fragment.key, FRAGMENT_FILE), fragment.file_sha256
+    )
+    assert len(result.image_uris) == 4
+    assert set(result.workers) <= set(WORKERS.values())
+
+
 def test_node_b_generates_with_node_a_fragment_fetched_once(cluster):
     farm, catalog, store = cluster.farm, cluster.farm.catalog, cluster.bucket.store
     built, _ = cluster.ensure_chain(PROMPT_B, queue=OWN_QUEUES["nodeA"])  # all on node A

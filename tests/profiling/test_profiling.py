@@ -13,8 +13,8 @@ from fragjobs.profiling import (
     PromptProfile,
     RecordingState,
     attention_modules,
+    denoiser_blocks,
     profile_prompt,
-    unet_blocks,
 )
 
 
@@ -39,10 +39,10 @@ def test_every_head_of_every_attention_module_is_measured(tiny_pipe, prof):
 
 
 def test_block_changes_timings_and_rank_stability(tiny_pipe, prof):
-    assert set(prof.block_change) == set(unet_blocks(tiny_pipe.unet))
+    assert set(prof.block_change) == set(denoiser_blocks(tiny_pipe.unet))
     for change in prof.block_change.values():
         assert change.shape == (4, 3)  # seeds × (steps - 1)
-    assert set(prof.layer_time_ms) == set(unet_blocks(tiny_pipe.unet))
+    assert set(prof.layer_time_ms) == set(denoiser_blocks(tiny_pipe.unet))
     stability = prof.rank_stability()
     assert -1.0 <= stability <= 1.0
     single = profile_prompt(tiny_pipe, "a cat", ProfileConfig(seeds=(5,), steps=2), progress=False)

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from fragjobs.base_models import hash_weight_files, identify, load_base, prompt_embedding
 from fragjobs.errors import UnknownModelError
-from fragjobs.profiling import attention_modules, unet_blocks
+from fragjobs.profiling import attention_modules, denoiser_blocks
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_tiny_sdxl_has_the_sdxl_architecture(sdxl):
         pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     )
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
-    assert list(unet_blocks(pipe.unet)) == [
+    assert list(denoiser_blocks(pipe.unet)) == [
         "down_blocks.0",
         "down_blocks.1",
         "down_blocks.2",

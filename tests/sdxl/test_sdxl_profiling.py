@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fragjobs.extraction.caching import block_levels
-from fragjobs.profiling import ProfileConfig, attention_modules, profile_prompt, unet_blocks
+from fragjobs.profiling import ProfileConfig, attention_modules, denoiser_blocks, profile_prompt
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_every_head_of_every_transformer_layer_is_measured(sdxl_pipe, prof):
 
 
 def test_block_changes_cover_three_levels_and_the_mid_block(sdxl_pipe, prof):
-    blocks = unet_blocks(sdxl_pipe.unet)
+    blocks = denoiser_blocks(sdxl_pipe.unet)
     assert set(prof.block_change) == set(blocks) == set(prof.layer_time_ms)
     for change in prof.block_change.values():
         assert change.shape == (2, 2) and bool(torch.isfinite(change).all())
