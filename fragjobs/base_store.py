@@ -37,6 +37,7 @@ from fragjobs.errors import (
     StorageError,
     UnknownModelError,
 )
+from fragjobs.families import family_of_class
 from fragjobs.keys import validate_object_name
 
 if TYPE_CHECKING:
@@ -175,7 +176,8 @@ def check_pipeline_folder(path: str | Path, name: str | None = None) -> tuple[Pa
 
     Raises:
         InvalidInputError: ``path`` is not a folder, or the name is not ``[A-Za-z0-9._-]``.
-        UnknownModelError: no ``model_index.json``, or not a UNet text-to-image pipeline.
+        UnknownModelError: no ``model_index.json``, a pipeline class fragjobs does not support
+            (:mod:`fragjobs.families`), or its denoiser missing.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -197,10 +199,10 @@ def check_pipeline_folder(path: str | Path, name: str | None = None) -> tuple[Pa
     except (OSError, ValueError) as exc:
         raise UnknownModelError(f"{index_path} is unreadable: {exc}") from exc
     pipeline = document.get("_class_name") if isinstance(document, dict) else None
-    if not isinstance(pipeline, str) or "unet" not in document:
+    family = family_of_class(pipeline if isinstance(pipeline, str) else None, str(folder))
+    if family.denoiser not in document:
         raise UnknownModelError(
-            f"{folder} is not a UNet text-to-image pipeline ({pipeline or 'no _class_name'} "
-            "in model_index.json): fragjobs runs SD 1.x/2.x/XL pipelines"
+            f"{folder} is a {pipeline} without its {family.denoiser} (model_index.json)"
         )
     return folder, name, pipeline
 

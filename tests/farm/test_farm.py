@@ -227,7 +227,7 @@ def test_a_folder_that_is_not_a_pipeline_is_refused_before_anything_is_queued(fa
     pipeline = tmp_path / "pipeline"
     pipeline.mkdir()
     (pipeline / "model_index.json").write_text("{}")
-    with pytest.raises(UnknownModelError, match="not a UNet text-to-image pipeline"):
+    with pytest.raises(UnknownModelError, match="pipeline of unknown class, which fragjobs"):
         client.submit("a blue moon", variants=2, model=str(pipeline), queue="gpu.a.cpu0")
     assert redis_client.dbsize() == 0
 

@@ -112,7 +112,13 @@ def test_add_moves_a_registered_folder_to_the_store(model_folder, store, catalog
         (
             lambda tmp: _index(tmp, {"_class_name": "FluxPipeline", "transformer": ["x", "y"]}),
             UnknownModelError,
-            "not a UNet text-to-image pipeline \\(FluxPipeline in model_index.json\\)",
+            "is a FluxPipeline, which fragjobs does not support; supported: "
+            "StableDiffusionPipeline .*PixArtAlphaPipeline",
+        ),
+        (
+            lambda tmp: _index(tmp, {"_class_name": "PixArtAlphaPipeline", "vae": ["a", "b"]}),
+            UnknownModelError,
+            "is a PixArtAlphaPipeline without its transformer",
         ),
         (
             lambda tmp: _index(tmp / "bad name", {"_class_name": "X", "unet": ["a", "b"]}),
@@ -120,7 +126,7 @@ def test_add_moves_a_registered_folder_to_the_store(model_folder, store, catalog
             "give one with --name",
         ),
     ],
-    ids=["missing", "not-diffusers", "unsupported", "bad-name"],
+    ids=["missing", "not-diffusers", "unsupported", "no-denoiser", "bad-name"],
 )
 def test_bad_folders_are_refused_with_nothing_stored(
     tmp_path, store, catalog, settings, make, error, words
