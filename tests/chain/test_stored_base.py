@@ -15,15 +15,16 @@ from fragjobs.base_store import add_base, store_source
 from fragjobs.chain.bases import held_bases
 from fragjobs.config import get_settings
 from fragjobs.errors import BaseModelMismatchError
+from fragjobs.families import denoiser
 
 
-@pytest.fixture
-def model_folder(tmp_path):
-    """A diffusers folder written by ``save_pretrained`` (tiny-sd's architecture)."""
-    from fragjobs.builtin.configs import build_tiny_sd
+@pytest.fixture(params=["tiny-sd", "tiny-sdxl", "tiny-pixart"])
+def model_folder(request, tmp_path):
+    """A diffusers folder written by ``save_pretrained``: each family's tiny architecture."""
+    from fragjobs.builtin import BUILTINS
 
     folder = tmp_path / "models" / "my-sd"
-    build_tiny_sd().save_pretrained(folder)
+    BUILTINS[request.param].build().save_pretrained(folder)
     return folder
 
 
@@ -89,7 +90,7 @@ def test_a_folder_changed_after_registration_is_refused_by_hash(ws, model_folder
 
     pipe = DiffusionPipeline.from_pretrained(model_folder, local_files_only=True)
     with torch.no_grad():
-        next(pipe.unet.parameters()).add_(0.01)
+        next(denoiser(pipe).parameters()).add_(0.01)
     pipe.save_pretrained(model_folder)  # still a valid pipeline, other weights
     objects_before = ws.store.list("")
     chain.reset_process_state()
