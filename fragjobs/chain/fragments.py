@@ -120,7 +120,9 @@ def apply_fragment_(
 
     ``key_or_path`` is a fragment key (read from the workspace's store, hashes checked) or a
     folder holding ``manifest.json`` + ``fragment.safetensors``. The pipeline must be the
-    fragment's base model (checked by sha256). Afterwards ``pipe(prompt, ...)`` works as usual.
+    fragment's base model (checked by sha256). Afterwards ``pipe(prompt, ...)`` works as usual;
+    the fragment was validated at ``manifest.profiling.steps`` and ``.guidance_scale``, so pass
+    those (SDXL's and PixArt's pipelines default to other guidance scales: 5.0, 4.5).
     The edit cannot be undone in place: reload the pipeline to get the full model back.
 
     Raises:
