@@ -24,7 +24,9 @@ from fragjobs.families.sd import SD, SDXL
 
 FAMILIES: tuple[PipelineFamily, ...] = (SD, SDXL, PIXART_ALPHA)
 _BY_CLASS = {family.pipeline_class: family for family in FAMILIES}
-_BY_DENOISER = {family.denoiser_class: family for family in FAMILIES}  # first of each class
+_BY_DENOISER: dict[str, PipelineFamily] = {}
+for _family in FAMILIES:  # the first family of each denoiser class (SD and SDXL share one)
+    _BY_DENOISER.setdefault(_family.denoiser_class, _family)
 
 __all__ = [
     "FAMILIES",
