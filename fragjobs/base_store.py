@@ -17,7 +17,7 @@ files go up in parts (the S3 backend's managed transfer), and a second ``add`` o
 folder uploads nothing.
 
 This module never imports torch: only :func:`add_base` hashes the weights (through
-:func:`fragjobs.base_models.folder_sha256`), and it checks its input first.
+:func:`fragjobs.base_identity.folder_sha256`), and it checks its input first.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def add_base(
     folder, name, pipeline = check_pipeline_folder(path, name)
     files = _folder_files(folder)
     before = _stats(folder, files)
-    from fragjobs.base_models import folder_sha256
+    from fragjobs.base_identity import folder_sha256
 
     sha256 = folder_sha256(folder, name, settings)
     uploaded_files = uploaded_bytes = 0

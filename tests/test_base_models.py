@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fragjobs.base_models import hash_weight_files, identify, load_base, prompt_embedding
+from fragjobs.base_identity import hash_weight_files
+from fragjobs.base_models import identify, load_base
+from fragjobs.base_text import prompt_embedding
 from fragjobs.builtin import build_byte_tokenizer
 from fragjobs.errors import InvalidInputError, UnknownModelError
 

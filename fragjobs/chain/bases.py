@@ -9,7 +9,8 @@ of a catalog row (:func:`base_of`) checks the loaded sha256 against the row's.
 from __future__ import annotations
 
 from fragjobs.base_cache import BaseCache
-from fragjobs.base_models import LoadedBase, load_base, model_source
+from fragjobs.base_identity import model_source
+from fragjobs.base_models import LoadedBase, load_base
 from fragjobs.base_store import open_settings_store, stored_sha256
 from fragjobs.catalog import BaseModelEntity
 from fragjobs.chain.state import STATE, WARM_BASES

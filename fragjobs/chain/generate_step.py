@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from fragjobs.base_models import LoadedBase, model_source, prompt_embedding
+from fragjobs.base_identity import model_source
+from fragjobs.base_models import LoadedBase
+from fragjobs.base_text import prompt_embedding
 from fragjobs.chain.bases import base
 from fragjobs.chain.fragments import warm_fragment_unet
 from fragjobs.chain.full_images import FullImageSpec, stored_full_images

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fragjobs.base_models import truncation_note
+from fragjobs.base_text import truncation_note
 from fragjobs.catalog import ProfileEntity
 from fragjobs.chain.bases import base
 from fragjobs.chain.knobs import DEFAULT_PROFILE_SEEDS

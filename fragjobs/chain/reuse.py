@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fragjobs.base_models import prompt_embedding
+from fragjobs.base_text import prompt_embedding
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS
 from fragjobs.chain.stored import update_manifest

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fragjobs.base_models import LoadedBase, model_source
+from fragjobs.base_identity import model_source
+from fragjobs.base_models import LoadedBase
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment, record_performance
 from fragjobs.chain.generate_step import GenerationResult, generate
 from fragjobs.chain.knobs import ChainKnobs, variant_seeds

@@ -34,7 +34,7 @@ def _diffusers_folders(root: Path) -> list[str]:
 
 def model_choices() -> list[str]:
     """The default model first, then the other built-ins, ComfyUI's and fragjobs' folders."""
-    from fragjobs.base_models import available_models
+    from fragjobs.base_folders import available_models
 
     settings = get_settings()
     names = available_models(settings)

@@ -185,7 +185,8 @@ def check_builtin_model(name: str, settings: Settings, recorded: dict[str, str])
     """A built-in model's hash: shipped files against their recorded sha256s, and its id
     against the one the catalog recorded for it (fragments made with another id do not apply
     here)."""
-    from fragjobs.base_models import hash_weight_files, load_base
+    from fragjobs.base_identity import hash_weight_files
+    from fragjobs.base_models import load_base
     from fragjobs.builtin import BUILTINS
     from fragjobs.builtin.configs import verify_shipped_weights
     from fragjobs.doctor.estimates import footprint

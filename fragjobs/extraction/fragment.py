@@ -25,7 +25,8 @@ from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from fragjobs.base_models import BaseModelInfo, prompt_embedding
+from fragjobs.base_identity import BaseModelInfo
+from fragjobs.base_text import prompt_embedding
 from fragjobs.errors import BaseModelMismatchError, FragmentIntegrityError, ManifestError
 from fragjobs.extraction.caching import (
     BlockCachingConfig,

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fragjobs.base_models import LoadedBase, UnetReader, load_base
+from fragjobs.base_folders import UnetReader
+from fragjobs.base_models import LoadedBase, load_base
 from fragjobs.builtin.streaming import Selection, select_tensor
 from fragjobs.config import Settings
 from fragjobs.errors import BaseModelMismatchError, FragmentIntegrityError, InvalidInputError
@@ -113,7 +114,7 @@ def build_fragment_unet(
         skeleton: the base UNet with its parameters on the meta device (e.g. built from its
             config under ``accelerate.init_empty_weights``).
         fragment: the fragment (its base already checked, see :func:`check_base`).
-        read: the base's tensors (:data:`~fragjobs.base_models.UnetReader`); asked once,
+        read: the base's tensors (:data:`~fragjobs.base_folders.UnetReader`); asked once,
             for exactly the tensors the fragment keeps from the base.
         int8_execution: how int8 layers compute
             (:func:`~fragjobs.extraction.int8_exec.set_int8_execution_`): ``"auto"`` (an

@@ -565,7 +565,7 @@ class Farm:
     def _added_folder(self, path: Path) -> str:
         """The sha256 of the local folder ``path`` once it is known to be in the store."""
         folder, name, _ = check_pipeline_folder(path)
-        from fragjobs.base_models import folder_sha256
+        from fragjobs.base_identity import folder_sha256
 
         sha256 = folder_sha256(folder, name, self.settings)
         if sha256 not in {b.sha256 for b in self._stored_bases()}:

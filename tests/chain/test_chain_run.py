@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fragjobs import chain
-from fragjobs.base_models import BaseModelInfo, load_base
+from fragjobs.base_identity import BaseModelInfo
+from fragjobs.base_models import load_base
 from fragjobs.errors import (
     BaseModelMismatchError,
     FragjobsError,

@@ -230,7 +230,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(settings, monkeypatch, env, argv, 
 
 
 def test_a_prompt_the_text_encoder_cuts_short_gets_a_note(tiny_pipe):
-    from fragjobs.base_models import truncation_note
+    from fragjobs.base_text import truncation_note
 
     assert truncation_note(tiny_pipe, PROMPT) is None
     note = truncation_note(tiny_pipe, "a red circle on the left of a blue square " * 6)

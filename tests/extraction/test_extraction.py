@@ -184,7 +184,7 @@ def test_int8_unet_holds_fewer_bytes_and_stays_close(any_tiny_pipe):
 
 
 def test_head_guard_keeps_more_heads_until_the_profiling_seeds_keep_their_ssim(tiny_pipe):
-    from fragjobs.base_models import BaseModelInfo
+    from fragjobs.base_identity import BaseModelInfo
     from fragjobs.extraction import ExtractionConfig, extract_fragment
     from fragjobs.profiling import ProfileConfig, profile_prompt
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import PixArtAlphaPipeline
 
-from fragjobs.base_models import load_base, prompt_embedding
+from fragjobs.base_models import load_base
+from fragjobs.base_text import prompt_embedding
 from fragjobs.errors import InvalidInputError, UnknownModelError
 from fragjobs.extraction import CachingSchedule, apply_block_caching, remove_block_caching
 from fragjobs.families import (

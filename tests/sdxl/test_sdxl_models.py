@@ -9,7 +9,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from fragjobs.base_models import hash_weight_files, identify, load_base, prompt_embedding
+from fragjobs.base_identity import hash_weight_files
+from fragjobs.base_models import identify, load_base
+from fragjobs.base_text import prompt_embedding
 from fragjobs.errors import UnknownModelError
 from fragjobs.profiling import attention_modules, denoiser_blocks
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import AWS_TEST_ENV, S3_REGION
 
 from fragjobs.base_cache import BaseCache
-from fragjobs.base_models import hash_weight_files
+from fragjobs.base_identity import hash_weight_files
 from fragjobs.base_store import (
     add_base,
     base_object,
