@@ -1,29 +1,16 @@
-"""The denoiser a benchmark method works on: a pipeline's UNet or its transformer.
+"""What the peers ask of a denoiser: its layout (a UNet or a transformer), its inputs' names.
 
 The peers fit themselves to the denoiser's layout: a UNet (``down_blocks``, ``mid_block``,
 ``up_blocks``, with Transformer2DModels inside) or a diffusion transformer (one
-``transformer_blocks`` list, PixArt's), so they ask here rather than reading ``pipe.unet``.
+``transformer_blocks`` list, PixArt's), so they ask here; the pipeline's denoiser itself is its
+family's (:func:`fragjobs.families.denoiser`).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
 import torch
-
-
-def denoiser(pipe: Any) -> torch.nn.Module:
-    """The pipeline's denoiser: its family's (:func:`fragjobs.families.denoiser`).
-
-    Without the families package (a fragjobs that knows only UNet pipelines), the pipeline's
-    ``unet``, else its ``transformer``.
-    """
-    try:
-        from fragjobs.families import denoiser as family_denoiser
-    except ImportError:
-        return getattr(pipe, "unet", None) or pipe.transformer
-    return family_denoiser(pipe)
 
 
 def is_unet(module: torch.nn.Module) -> bool:

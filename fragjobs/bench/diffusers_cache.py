@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
-from fragjobs.bench.denoisers import denoiser, input_names, is_unet
+from fragjobs.bench.denoisers import input_names, is_unet
 from fragjobs.errors import FragjobsError
+from fragjobs.families import denoiser
 
 RUN_HOOK = "fragjobs_denoising_run"
 ADDED_CONDITION_HOOK = "fragjobs_added_condition_half"

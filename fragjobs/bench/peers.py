@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from fragjobs.bench.denoisers import denoiser, is_unet
+from fragjobs.bench.denoisers import is_unet
 from fragjobs.bench.diffusers_cache import PeerUnavailableError
 from fragjobs.errors import InvalidInputError
+from fragjobs.families import denoiser
 
 PEERS = (
     "deepcache_2",

@@ -60,7 +60,6 @@ from typing import Any
 
 import torch
 
-from fragjobs.bench.denoisers import denoiser
 from fragjobs.bench.diffusers_cache import PeerUnavailableError
 from fragjobs.bench.headroom import pipeline_bytes, shortfall
 from fragjobs.bench.loading import load_for_bench
@@ -83,6 +82,7 @@ from fragjobs.bench.peers import (
 )
 from fragjobs.bench.speed_report import markdown_report, plot
 from fragjobs.bench.timing import time_interleaved
+from fragjobs.families import denoiser
 from fragjobs.validation.break_even import break_even_delivered, break_even_old
 
 FIXED_SIZE = ("tiny-sd", "shapes", "tiny-sdxl", "tiny-pixart")  # test models, 64×64

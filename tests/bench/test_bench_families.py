@@ -11,11 +11,12 @@ import re
 import pytest
 import torch
 
-from fragjobs.bench.denoisers import denoiser, is_unet
+from fragjobs.bench.denoisers import is_unet
 from fragjobs.bench.diffusers_cache import RUN_HOOK, UNET_BLOCKS, transformer_models
 from fragjobs.bench.speed import bench_model
 from fragjobs.bench.speed_report import markdown_table, size_label
 from fragjobs.builtin import BUILTINS
+from fragjobs.families import denoiser
 
 PROMPT = "a red circle on the left"
 METHODS = (
@@ -156,3 +157,14 @@ def test_size_label_says_when_a_model_ran_below_its_native_size():
     result = {"model": "sdxl-shape", "size": 128, "native_size": 512, "steps": 4}
     assert size_label(result) == "sdxl-shape 128px (native 512px) 4 steps"
     assert size_label({**result, "size": 512}) == "sdxl-shape 512px 4 steps"
+
+
+def test_a_missing_peer_package_is_named_with_its_install_command():
+    from fragjobs.bench.peers import missing_package
+
+    error = ImportError("No module named 'DeepCache'", name="DeepCache")
+    reason = missing_package("deepcache_3", error)
+    assert "needs the deepcache package" in reason
+    assert "pip install deepcache" in reason and "fragjobs[bench]" in reason
+    reason = missing_package("tome_0.5", ImportError("No module named 'tomesd'", name="tomesd"))
+    assert "pip install tomesd" in reason
