@@ -28,6 +28,7 @@ from fragjobs import chain
 from fragjobs.bench import schedule_report
 from fragjobs.bench.schedule_ablation import schedule_ablation_document
 from fragjobs.extraction import HeadPruningConfig, apply_head_pruning_
+from fragjobs.families import denoiser
 from fragjobs.generation import GenerationConfig, generate_images, with_unet
 from fragjobs.reports.folders import read_report
 from fragjobs.reports.html import write_index_page
@@ -132,7 +133,7 @@ def ablation(
         }
         row: dict[str, Any] = {"prompt": prompt, "heads_kept": f"{keep}/{total}"}
         for label, scores in choices.items():
-            unet = copy.deepcopy(loaded.pipe.unet)
+            unet = copy.deepcopy(denoiser(loaded.pipe))
             apply_head_pruning_(unet, keep_top(scores, keep))
             images = generate_images(
                 with_unet(loaded.pipe, unet), prompt, list(ABLATION_SEEDS), gen

@@ -38,6 +38,7 @@ from fragjobs.extraction.model_schedule import (
     model_level_candidates,
     uniform_candidates,
 )
+from fragjobs.families import denoiser
 from fragjobs.generation import GenerationConfig, generate_images
 from fragjobs.profiling import PromptProfile
 from fragjobs.validation import compute_quality
@@ -154,7 +155,7 @@ def schedule_ablation(
             width=width,
             batch_size=len(seeds),
         )
-        remove_block_caching(pipe.unet)
+        remove_block_caching(denoiser(pipe))
         full = generate_images(pipe, prompt, list(seeds), gen)
         measured: dict[tuple, dict[str, float]] = {}  # one generation per distinct schedule
         for target in targets:
@@ -175,11 +176,11 @@ def schedule_ablation(
 
 
 def _measure(pipe, schedule, prompt, seeds, gen, full) -> dict[str, float]:
-    apply_block_caching(pipe.unet, schedule)
+    apply_block_caching(denoiser(pipe), schedule)
     try:
         images = generate_images(pipe, prompt, list(seeds), gen)
     finally:
-        remove_block_caching(pipe.unet)
+        remove_block_caching(denoiser(pipe))
     quality = compute_quality(full, images, prompt)
     return {
         "ssim": round(quality.ssim, 4),

@@ -9,7 +9,8 @@ pair block ``i`` with its mirror ``N-1-i`` (the outermost blocks are level 0, th
 the deepest), so the nested schedules recompute the middle of the stack least often, where
 features change least between steps (FORA, Δ-DiT). The pooled prompt embedding is the mean of
 the T5 states (T5 has no pooled output); the pipeline encodes 120 text tokens; resolution
-binning is off (fragjobs asks for the size it profiled).
+binning is off (fragjobs asks for the size it profiled), and so is caption cleaning (it needs
+Beautiful Soup and ftfy; fragjobs prompts are plain).
 """
 
 from __future__ import annotations
@@ -94,5 +95,5 @@ PIXART_ALPHA = PipelineFamily(
     sample_bytes=transformer_sample_bytes,
     pooled_output=None,
     text_tokens=PIXART_TEXT_TOKENS,
-    call_kwargs={"use_resolution_binning": False},
+    call_kwargs={"use_resolution_binning": False, "clean_caption": False},
 )
