@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import (
-    AutoencoderKL,
     DiffusionPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -45,7 +44,7 @@ from diffusers import (
 
 from fragjobs.builtin.pixart import build_pixart_shape, build_tiny_pixart
 from fragjobs.builtin.sdxl import build_sdxl_shape, build_tiny_sdxl
-from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, text_encoder
+from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, text_encoder, tiny_vae
 from fragjobs.builtin.tokenizer import build_byte_tokenizer
 
 
@@ -94,19 +93,7 @@ def build_tiny_sd() -> StableDiffusionPipeline:
             norm_num_groups=8,
         ),
     )
-    vae = seeded(
-        2,
-        lambda: AutoencoderKL(
-            block_out_channels=(16, 32),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-        ),
-    )
+    vae = tiny_vae(2)
     return _assemble(unet, vae, text_encoder(64, 2, 4, seed=3))
 
 

@@ -17,10 +17,10 @@ and a T5 encoder whose 120 token states are the cross-attention context.
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
+from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 from transformers import T5Config, T5EncoderModel
 
-from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae
+from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, tiny_vae
 from fragjobs.builtin.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer
 from fragjobs.families.pixart import PIXART_TEXT_TOKENS
 
@@ -78,17 +78,7 @@ def build_tiny_pixart() -> PixArtAlphaPipeline:
         41,
         lambda: pixart_transformer(sample_size=32, layers=4, heads=4, head_dim=8, caption_dim=32),
     )
-    vae = seeded(
-        42,
-        lambda: AutoencoderKL(
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-        ),
-    )
+    vae = tiny_vae(42)
     return assemble_pixart(transformer, vae, t5_encoder(32, 2, 4, 64, seed=43))
 
 

@@ -19,9 +19,9 @@ attention) with several transformer layers per attention block, mid block includ
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, text_encoder
+from fragjobs.builtin.seeded import scheduler, seeded, stand_in_vae, text_encoder, tiny_vae
 from fragjobs.builtin.tokenizer import build_byte_tokenizer
 
 TIME_IDS = 6
@@ -98,17 +98,7 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
             norm_groups=8,
         ),
     )
-    vae = seeded(
-        22,
-        lambda: AutoencoderKL(
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-        ),
-    )
+    vae = tiny_vae(22)
     first = text_encoder(32, 2, 4, seed=23)
     second = text_encoder(64, 2, 4, seed=24, projection_dim=32, with_projection=True)
     return assemble_sdxl(unet, vae, first, second)

@@ -82,3 +82,19 @@ def stand_in_vae(seed: int, sample_size: int) -> AutoencoderKL:
             sample_size=sample_size,
         ),
     )
+
+
+def tiny_vae(seed: int) -> AutoencoderKL:
+    """The VAE of the ``tiny-*`` built-ins: two levels (16, 32 channels; 2× down-sampling,
+    64 px images over 32×32×4 latents), drawn from ``seed``."""
+    return seeded(
+        seed,
+        lambda: AutoencoderKL(
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+        ),
+    )

@@ -16,11 +16,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fragjobs.base_identity import COMPONENTS, WEIGHT_SUFFIXES
+
 FLOAT_BYTES = 4
 MAX_BATCH = 1024
 """The largest batch :class:`fragjobs.generation.GenerationConfig` accepts."""
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
-_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ModelFootprint:
 
 def _folder_weights(folder: Path) -> int:
     return sum(
-        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
+        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
     )
 
 
@@ -71,7 +71,7 @@ def footprint(name: str) -> ModelFootprint:
         unet, vae = dict(denoiser(pipe).config), dict(pipe.vae.config)
         weights = sum(
             t.numel() * t.element_size()
-            for component in _COMPONENTS
+            for component in COMPONENTS
             if getattr(pipe, component, None) is not None
             for t in [*getattr(pipe, component).parameters(), *getattr(pipe, component).buffers()]
         )
