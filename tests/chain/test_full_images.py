@@ -113,9 +113,12 @@ def test_chain_run_on_shapes_delivers_profiling_and_validation_images_then_the_f
         assert h5["break_even_variants"] < h5["break_even_variants_old"]
 
 
-@pytest.fixture
-def tiny_fragment(ws):
-    prof = chain.profile(TINY_PROMPT, model="tiny-sd", seeds=[0, 1], steps=3, ws=ws, progress=False)
+@pytest.fixture(params=["tiny-sd", "tiny-sdxl", "tiny-pixart"])
+def tiny_fragment(request, ws):
+    """A fragment of each family's tiny built-in (its kept full-model latents decode alike)."""
+    prof = chain.profile(
+        TINY_PROMPT, model=request.param, seeds=[0, 1], steps=3, ws=ws, progress=False
+    )
     config = chain.extraction_config(1.0, int8=True, caching=False, head_guard_on=False)
     return chain.extract(prof.profile_id, config, ws=ws)
 
@@ -188,13 +191,14 @@ def test_fewer_variants_than_full_model_images_delivers_only_n(ws, tmp_path):
 
 def test_farm_generate_delivers_kept_full_model_images_for_matching_seeds(ws, tiny_fragment):
     key = tiny_fragment.key
+    model = key.split("_", 1)[0]  # the fragment's base model
     val = chain.validate(key, seeds=[1000], ws=ws, progress=False)
     out = generate_message(
         {"key": key},
         prompt=TINY_PROMPT,
         seeds=[0, 1000, 7],
         job_id="job-farm",
-        model="tiny-sd",
+        model=model,
         ws=ws,
     )
     assert out["reused_full_model_seeds"] == [0, 1000]
@@ -207,7 +211,7 @@ def test_farm_generate_delivers_kept_full_model_images_for_matching_seeds(ws, ti
         prompt="a cat on a sofa",
         seeds=[0, 1000],
         job_id="job-other",
-        model="tiny-sd",
+        model=model,
         ws=ws,
     )
     assert other["reused_full_model_seeds"] == []
