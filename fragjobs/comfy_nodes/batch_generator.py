@@ -109,6 +109,7 @@ class BatchGenerator:
 def _with_fragment(ws, loaded, model, prompt, seeds, steps, guidance, batch_size):
     """The images of :func:`fragjobs.chain.generate` with the model's fragment."""
     from fragjobs import chain
+    from fragjobs.families import denoiser
 
     key = model.fragment_key
     _check_fragment_settings(model, steps, guidance)
@@ -123,8 +124,6 @@ def _with_fragment(ws, loaded, model, prompt, seeds, steps, guidance, batch_size
     def batch_done(done: int, _total: int) -> None:
         progress.update(math.ceil(done / batch_size) * model.fragment_steps)
         progress.check_interrupt()
-
-    from fragjobs.families import denoiser
 
     with progress.per_unet_call(denoiser(loaded.pipe), unet):
         result = chain.generate(
@@ -147,6 +146,7 @@ def _with_full_model(loaded, prompt, seeds, steps, guidance, batch_size):
     """The full model's images, made as ``fragjobs generate`` makes them without a fragment."""
     import torch
 
+    from fragjobs.families import denoiser
     from fragjobs.generation import GenerationConfig, generate_images
 
     info = loaded.info
@@ -159,8 +159,6 @@ def _with_full_model(loaded, prompt, seeds, steps, guidance, batch_size):
     )
     progress = NodeProgress(total=math.ceil(len(seeds) / batch_size) * gen.steps)
     out = []
-    from fragjobs.families import denoiser
-
     with progress.per_unet_call(denoiser(loaded.pipe)):
         for start in range(0, len(seeds), batch_size):
             progress.check_interrupt()

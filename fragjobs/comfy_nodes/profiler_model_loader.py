@@ -85,6 +85,7 @@ class ProfilerModelLoader:
         profile_seeds: str,
     ) -> tuple[FragjobsModel, ProfilingData]:
         from fragjobs import chain
+        from fragjobs.families import denoiser
 
         if profiling_enabled:
             normalise_prompt(prompt)
@@ -96,8 +97,6 @@ class ProfilerModelLoader:
         if not profiling_enabled:
             return handle, ProfilingData(None, model, prompt.strip())
         progress = NodeProgress(total=steps or loaded.info.default_steps)
-        from fragjobs.families import denoiser
-
         with progress.per_unet_call(denoiser(loaded.pipe)):
             result = chain.profile(
                 prompt, model=model, seeds=seeds, steps=steps or None, ws=ws, progress=False

@@ -35,9 +35,7 @@ class NodeProgress:
     Example::
 
         progress = NodeProgress(total=steps)
-        from fragjobs.families import denoiser
-
-        with progress.per_unet_call(denoiser(pipe)):
+        with progress.per_unet_call(fragjobs.families.denoiser(pipe)):
             pipe(prompt, num_inference_steps=steps)
         progress.finish()
     """
