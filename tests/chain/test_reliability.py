@@ -197,7 +197,7 @@ def test_a_job_id_is_bound_to_its_prompt_and_seeds(ready_ws):
 
 
 def test_apply_fragment_refuses_what_is_not_a_pipeline_or_a_key(ready_ws, tiny_pipe):
-    with pytest.raises(InvalidInputError, match="pipeline with a UNet"):
+    with pytest.raises(InvalidInputError, match="pipeline of a supported family"):
         chain.apply_fragment_(None, "tiny-sd_00_00", ws=ready_ws)
     with pytest.raises(InvalidInputError, match="fragment key or a fragment folder"):
         chain.apply_fragment_(tiny_pipe, None, ws=ready_ws)
