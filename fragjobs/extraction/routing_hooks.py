@@ -17,7 +17,8 @@
   makes every block recompute at this step (it runs first).
 
 Every hook is removable by name (:func:`remove_block_caching`) and resets with the pipeline's
-``reset_stateful_hooks``; after removal the UNet computes exactly as before they were added."""
+``reset_stateful_hooks``; after removal the UNet computes exactly as before they were added.
+"""
 
 from __future__ import annotations
 
