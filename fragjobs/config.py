@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     default_model: str = "shapes"
     default_threshold: float = Field(default=DEFAULT_THRESHOLD, gt=0, le=1)
     default_fidelity: float = Field(default=DEFAULT_FIDELITY, gt=0, le=1)
+    model_level: bool = Field(
+        default=True,
+        description=(
+            "fragjobs run tries the base's model-level fragment (extracted once per base, "
+            "gated per prompt) before extracting the prompt's own."
+        ),
+    )
     thresholds_path: Path | None = Field(
         default=None, description="thresholds.yaml for the quality gate; default: packaged."
     )

@@ -30,8 +30,13 @@ def _quiet_libraries():
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch) -> Settings:
-    """Settings of a fresh embedded workspace under tmp_path (also set in the environment)."""
+    """Settings of a fresh embedded workspace under tmp_path (also set in the environment).
+
+    The chain's tests test a prompt's own chain unless they ask for the model-level fragment
+    (``model_level=True``, tests/chain/test_model_level.py): building it profiles six
+    calibration prompts, which no other test needs."""
     monkeypatch.setenv("FRAGJOBS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FRAGJOBS_MODEL_LEVEL", "false")
     for var in ("FRAGJOBS_DATABASE_URL", "FRAGJOBS_STORAGE_URL", "FRAGJOBS_THRESHOLDS_PATH"):
         monkeypatch.delenv(var, raising=False)
     get_settings.cache_clear()

@@ -229,36 +229,31 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def sharing_break_even(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """What sharing a model-level fragment per base would do to break-even, from runs'
-    ``metrics_summary.json``: today profile + extract + validate are paid per prompt; with a
-    shared fragment only validating it on the prompt remains (the one-off calibration is paid
-    once per base). Same per-image saving as the prompt's own fragment, which the ablation
-    supports only when the model-level schedule is as good.
+    """Break-even of the page's runs, split by whether the base's model-level fragment made
+    their variants (``metrics_summary.json``'s ``model_level.used``): measured, not estimated.
 
     Returns:
-        ``{"runs": [{"prompt", "now", "shared"}], "median_now", "median_shared",
-        "calibration_s"}`` (break-evens in variants; None where a run lacks a figure).
+        ``{"runs": [{"prompt", "model_level_used", "break_even"}], "median_model_level",
+        "median_own", "model_level_runs"}`` (break-evens in variants, the delivered
+        definition; None where a run has none: its fragment never paid back or failed).
     """
     runs = []
     for summary in summaries:
-        perf = summary.get("performance") or {}
         values = (summary.get("hypotheses") or {}).get("H5", {}).get("values", {})
-        saving, overhead = values.get("saving_per_image_s"), values.get("overhead_s")
-        validate = perf.get("validate_s")
-        ok = saving is not None and saving > 0
+        variants = values.get("break_even_variants")
         runs.append(
             {
                 "prompt": summary.get("prompt"),
-                "now": round(overhead / saving, 1) if ok and overhead is not None else None,
-                "shared": round(validate / saving, 1) if ok and validate is not None else None,
+                "model_level_used": bool((summary.get("model_level") or {}).get("used")),
+                "break_even": None if variants is None else round(variants, 1),
             }
         )
-    profile_s = [(s.get("performance") or {}).get("profile_s") for s in summaries]
+    shared = [r["break_even"] for r in runs if r["model_level_used"]]
     return {
         "runs": runs,
-        "median_now": _median([r["now"] for r in runs]),
-        "median_shared": _median([r["shared"] for r in runs]),
-        "calibration_s": round(sum(v for v in profile_s if v is not None), 1),
+        "model_level_runs": sum(r["model_level_used"] for r in runs),
+        "median_model_level": _median(shared),
+        "median_own": _median([r["break_even"] for r in runs if not r["model_level_used"]]),
     }
 
 

@@ -52,12 +52,13 @@ def reading(ablation: dict[str, Any]) -> list[str]:
         verdicts.append(at["model_level_as_good"])
     sharing = ablation.get("break_even") or {}
     estimate = ""
-    if sharing.get("median_now") is not None and sharing.get("median_shared") is not None:
+    if sharing.get("runs"):
         estimate = (
-            f" Break-even would fall from a median {sharing['median_now']} to "
-            f"{sharing['median_shared']} variants (only validating the shared fragment on the "
-            f"prompt stays per prompt; calibrating it costs about {sharing['calibration_s']} s "
-            "of profiling, once per base)."
+            f" The chain shares it now: {sharing['model_level_runs']} of {len(sharing['runs'])} "
+            "prompts of this page passed the gate with the base's model-level fragment "
+            f"(break-even median {_or_none(sharing.get('median_model_level'))} variants); the "
+            "others extracted their own (median "
+            f"{_or_none(sharing.get('median_own'))})."
         )
     if all(verdicts):
         lines.append(
@@ -103,6 +104,10 @@ def markdown_section(ablation: dict[str, Any]) -> list[str]:
         ]
     lines += reading(ablation)
     return lines
+
+
+def _or_none(value: float | None) -> str:
+    return "none computed" if value is None else str(value)
 
 
 def html_section(ablation: dict[str, Any]) -> dict[str, Any]:

@@ -89,10 +89,12 @@ def extract(
         fragment, _unet = extract_fragment(
             loaded.pipe, loaded.info, prof, config, profile_id=profile_id
         )
-        return _store_fragment(ws, fragment, prof_row, base_row.id, config.params(prof), started)
+        return store_fragment(ws, fragment, prof_row, base_row.id, config.params(prof), started)
 
 
-def _store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, started):
+def store_fragment(ws, fragment: Fragment, prof_row, base_model_id, params, started):
+    """Put an extracted fragment in the catalog (status ``building``) and the store; on
+    failure nothing of it is left."""
     info = fragment.manifest.base_model
     folder = fragment_object(info.name, fragment.key, "")[:-1]
     row, created = ws.catalog.create_fragment(

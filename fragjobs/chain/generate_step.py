@@ -77,6 +77,7 @@ def generate(
     progress: bool = True,
     progress_callback=None,
     reuse_full_model: bool = False,
+    kept_profile_id: str | None = None,
 ) -> GenerationResult:
     """Generate seed variants with the prompt's fragment, falling back to the full model.
 
@@ -97,7 +98,9 @@ def generate(
     prompt, base and settings (the fragment's profiling and validation seeds,
     :mod:`fragjobs.chain.full_images`) are delivered from those images, not generated. Which
     images the full model made is in ``GenerationResult.full_model_seeds``, the job's
-    ``metrics`` and ``meta.json``.
+    ``metrics`` and ``meta.json``. ``kept_profile_id``: the profile id under which those
+    images are kept, when it is not the fragment's own (a model-level fragment gated on this
+    prompt: :mod:`fragjobs.chain.model_level`).
 
     Raises:
         ConfigError: ``FRAGJOBS_MEMORY_BUDGET_MB`` is not a positive number (nothing written).
@@ -166,7 +169,8 @@ def generate(
     kept: dict[int, torch.Tensor] = {}
     if reuse_full_model and row is not None and todo:
         spec = FullImageSpec.of(loaded.info.sha256, prompt, gen)
-        kept = stored_full_images(ws, loaded.pipe, row.profile_id, spec, todo, gen.batch_size)
+        kept_id = validate_key(kept_profile_id) if kept_profile_id else row.profile_id
+        kept = stored_full_images(ws, loaded.pipe, kept_id, spec, todo, gen.batch_size)
 
     def store(batch: list[int], out: torch.Tensor) -> None:
         for seed, pil in zip(batch, tensor_to_pil(out), strict=True):

@@ -58,6 +58,9 @@ class ChainKnobs:
             ``sd15-shape`` (issue 16), while its SVDs lengthen every extraction.
         head_guard: whether head pruning keeps more heads while it loses more than half of
             the fidelity budget (False prunes exactly ``threshold``).
+        model_level: whether the embedded run first tries the base's model-level fragment
+            (:mod:`fragjobs.chain.model_level`: extracted once per base, only gated per
+            prompt) and extracts the prompt's own only when it fails its gate.
         min_heads_per_layer: heads every attention module keeps.
         paraphrases: paraphrases of the prompt on which reuse is measured (H3).
         profile_seeds, validation_seeds: seeds of profiling and of the gate.
@@ -76,6 +79,7 @@ class ChainKnobs:
     int8: bool = True
     caching: bool = True
     head_guard: bool = True
+    model_level: bool = True
     min_heads_per_layer: int = 1
     paraphrases: tuple[str, ...] = ()
     profile_seeds: tuple[int, ...] = DEFAULT_PROFILE_SEEDS
@@ -90,7 +94,7 @@ class ChainKnobs:
             raise InvalidInputError(f"model must be a non-empty string, got {self.model!r}")
         check_fraction(self.threshold, "threshold")
         check_fraction(self.fidelity, "fidelity")
-        for name in ("low_rank", "int8", "caching", "head_guard"):
+        for name in ("low_rank", "int8", "caching", "head_guard", "model_level"):
             check_bool(getattr(self, name), name)
         check_int(self.min_heads_per_layer, "min_heads_per_layer", minimum=1)
         if isinstance(self.paraphrases, str):
@@ -127,6 +131,7 @@ class ChainKnobs:
             "model": settings.default_model,
             "threshold": settings.default_threshold,
             "fidelity": settings.default_fidelity,
+            "model_level": settings.model_level,
         }
         values = {**defaults, **{k: v for k, v in given.items() if v is not None}}
         for name in ("paraphrases", "profile_seeds", "validation_seeds"):

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fragjobs.base_identity import BaseModelInfo
 from fragjobs.base_text import truncation_note
 from fragjobs.catalog import ProfileEntity
 from fragjobs.chain.bases import base
@@ -75,7 +76,7 @@ def profile(
         height=info.height,
         width=info.width,
     )
-    profile_id = make_fragment_key(info.name, prompt, {"profile": asdict(config)})
+    profile_id = profile_id_of(info, prompt, config)
     base_row = ws.catalog.get_or_create_base_model(info.name, info.sha256, info.source)
     with write_lock(ws, f"profile:{profile_id}"):
         stored = _stored_profile(ws, profile_id)
@@ -92,6 +93,11 @@ def profile(
         result = profile_prompt(loaded.pipe, prompt, config, progress=progress)
         stats, doc = _store_profile(ws, profile_id, base_row.id, result, config)
     return ProfileResult(profile_id, base_row.id, stats.uri, doc.uri, result, reused=False)
+
+
+def profile_id_of(info: BaseModelInfo, prompt: str, config: ProfileConfig) -> str:
+    """The id of ``prompt``'s profile on the base ``info`` with ``config``."""
+    return make_fragment_key(info.name, prompt, {"profile": asdict(config)})
 
 
 def _stored_profile(ws: Workspace, profile_id: str) -> tuple[ProfileEntity, bytes] | None:

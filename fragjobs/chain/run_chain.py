@@ -36,6 +36,7 @@ from fragjobs.chain.fragments import fragment_unet, load_stored_fragment, record
 from fragjobs.chain.generate_step import GenerationResult, generate
 from fragjobs.chain.knobs import ChainKnobs, variant_seeds
 from fragjobs.chain.ladder import extract_and_validate
+from fragjobs.chain.model_level import try_model_level
 from fragjobs.chain.profile_step import profile
 from fragjobs.chain.reuse import measure_reuse
 from fragjobs.chain.stored import read_manifest, store_of
@@ -121,30 +122,48 @@ def run(
     seeds = variant_seeds(knobs.profile_seeds, knobs.validation_seeds, knobs.variants)
 
     load_thresholds(ws.settings.thresholds_path)  # a malformed gate file: refused before work
-    t0 = time.perf_counter()
-    prof = profile(
-        prompt,
-        model=model,
-        seeds=knobs.profile_seeds,
-        steps=knobs.steps,
-        ws=ws,
-        progress=progress,
-    )
-    t1 = time.perf_counter()
-    with _working("extract + validate (gate ladder)", progress):
-        ext, val, attempts = extract_and_validate(
-            prof.profile_id,
-            knobs.extraction_config(),
-            seeds=knobs.validation_seeds,
-            ws=ws,
+    shared = try_model_level(ws, prompt, knobs, progress=progress) if knobs.model_level else None
+    if shared is not None and shared.gate is not None and shared.gate.passed:
+        prof, key, val = None, shared.level.key, shared.gate
+        attempts = [shared.row]
+        seeds = variant_seeds(knobs.validation_seeds, (), knobs.variants)
+        kept_profile_id = shared.gate.kept_profile_id
+        steps_s = {"profile_s": 0.0, "extract_s": shared.level.built_s, "validate_s": val.elapsed_s}
+        profile_reused, fragment_reused = False, shared.level.built_s == 0.0
+    else:
+        t0 = time.perf_counter()
+        prof = profile(
+            prompt,
             model=model,
+            seeds=knobs.profile_seeds,
+            steps=knobs.steps,
+            ws=ws,
             progress=progress,
         )
-    t2 = t1 + sum(a["extract_s"] for a in attempts)
-    t3 = t2 + sum(a["validate_s"] for a in attempts)
+        t1 = time.perf_counter()
+        with _working("extract + validate (gate ladder)", progress):
+            ext, val, attempts = extract_and_validate(
+                prof.profile_id,
+                knobs.extraction_config(),
+                seeds=knobs.validation_seeds,
+                ws=ws,
+                model=model,
+                progress=progress,
+            )
+        key, kept_profile_id = ext.key, None
+        steps_s = {
+            "profile_s": t1 - t0,
+            "extract_s": sum(a["extract_s"] for a in attempts),
+            "validate_s": sum(a["validate_s"] for a in attempts),
+        }
+        profile_reused, fragment_reused = prof.reused, ext.reused
+        if shared is not None:  # its seconds count: they were spent before this chain
+            attempts.insert(0, shared.row)
+            steps_s["extract_s"] += shared.level.built_s
+            steps_s["validate_s"] += shared.gate.elapsed_s if shared.gate is not None else 0.0
 
-    loaded = fragment_base(ws, ext.key)
-    fragment = load_stored_fragment(ext.key, ws)
+    loaded = fragment_base(ws, key)
+    fragment = load_stored_fragment(key, ws)
     frag_unet = fragment_unet(loaded, fragment)
     gen = generation_config(fragment.manifest, batch_size=min(knobs.batch_size, knobs.variants))
     with _working(
@@ -155,6 +174,10 @@ def run(
         frag_ms = latency_samples_ms(with_unet(loaded.pipe, frag_unet), prompt, gen)
         bar.update(1)
         for attempt in attempts[:-1]:
+            if attempt.get("model_level"):  # failed on this prompt: not measured
+                attempt["speedup"] = None
+                bar.update(1)
+                continue
             attempt["speedup"] = _speedup_of(ws, loaded, attempt["key"], prompt, gen, full_ms)
             bar.update(1)
     latency_full, latency_frag = statistics.median(full_ms), statistics.median(frag_ms)
@@ -177,24 +200,26 @@ def run(
         measured_peak_full_bytes=memory.get("peak_full_bytes"),
         measured_peak_fragment_bytes=memory.get("peak_fragment_bytes"),
     )
-    record_performance(ext.key, performance, ws)
+    if shared is None or key != shared.level.key:  # the model-level one: its own run's figures
+        record_performance(key, performance, ws)
     paraphrases = list(knobs.paraphrases)
     reuse = None
     if paraphrases:
         with _working(f"reuse: gate on {len(paraphrases)} paraphrase(s)", progress):
-            reuse = measure_reuse(ext.key, paraphrases, ws=ws)
-    row = ws.catalog.get_fragment(ext.key)
+            reuse = measure_reuse(key, paraphrases, ws=ws)
+    row = ws.catalog.get_fragment(key)
     manifest = read_manifest(ws, row)
 
     result = generate(
         prompt,
         seeds=seeds,
         model=model,
-        key=ext.key,
+        key=key,
         batch_size=knobs.batch_size,
         ws=ws,
         progress=progress,
         reuse_full_model=True,
+        kept_profile_id=kept_profile_id,
     )
     thresholds = load_thresholds(ws.settings.thresholds_path)
     summary = build_metrics_summary(
@@ -209,15 +234,13 @@ def run(
             "latency_repeats": len(full_ms),
             "batch_size": gen.batch_size,
             "steps": gen.steps,
-            "overhead_s": (t1 - t0) + (t2 - t1) + (t3 - t2),
-            "chain_s": (t1 - t0) + (t2 - t1) + (t3 - t2),
+            "overhead_s": sum(steps_s.values()),
+            "chain_s": sum(steps_s.values()),
             "delivered_full_model_images": len(result.reused_seeds),
-            "profile_s": t1 - t0,
-            "extract_s": t2 - t1,
-            "validate_s": t3 - t2,
+            **steps_s,
             # a rerun reads profile and fragment back from the store: its overhead is small
-            "profile_reused": prof.reused,
-            "fragment_reused": ext.reused,
+            "profile_reused": profile_reused,
+            "fragment_reused": fragment_reused,
         },
         memory=memory,
         reuse=reuse,
@@ -226,7 +249,7 @@ def run(
         device=device,
     )
     summary["fragment"] = {
-        "key": ext.key,
+        "key": key,
         "verified": manifest.verified,
         "used_for_generation": not result.used_fallback,
         "fallback_reason": result.fallback_reason,
@@ -236,10 +259,16 @@ def run(
     }
     summary["delivery"] = delivery_summary(result, knobs)
     summary["knobs"] = knobs.to_json()
+    summary["model_level"] = None if shared is None else shared.to_json(key)
     notes = []
     if result.used_fallback:
         notes.append(f"variants generated with the full model: {result.fallback_reason}")
-    if not manifest.verified:
+    if prof is None:
+        notes.append(
+            f"the prompt was not profiled: the model-level fragment {key} passed its gate on "
+            f"seeds {val.seeds}, so no fragment of its own was extracted"
+        )
+    elif not manifest.verified:
         notes.append("the fragment failed its quality gate: manifest says verified: false")
     images = {
         seed: ws.store.get_bytes(generation_object(result.job_id, f"{seed}.png"))
@@ -251,9 +280,9 @@ def run(
             RunData(
                 summary=summary,
                 manifest=manifest,
-                head_importance=prof.profile.importance_document(),
-                profile=prof.profile,
-                profile_id=prof.profile_id,
+                head_importance=None if prof is None else prof.profile.importance_document(),
+                profile=None if prof is None else prof.profile,
+                profile_id=None if prof is None else prof.profile_id,
                 images=images,
                 compare=(val.full_images, val.fragment_images, val.seeds),
                 notes=notes,
@@ -262,7 +291,7 @@ def run(
             thresholds_source=str(ws.settings.thresholds_path or "packaged thresholds.yaml"),
         )
     written = read_report(folder).summary
-    return RunReport(folder, ext.key, val.passed, written, result, row.storage_uri)
+    return RunReport(folder, key, val.passed, written, result, row.storage_uri)
 
 
 def delivery_summary(result: GenerationResult, knobs: ChainKnobs) -> dict[str, Any]:

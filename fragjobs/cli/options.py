@@ -63,6 +63,13 @@ _KNOB_OPTIONS = [
         "[FRAGJOBS_DEFAULT_FIDELITY: 0.9].",
     ),
     click.option(
+        "--model-level/--per-prompt",
+        default=None,
+        help="Try the base's model-level fragment (extracted once per base, gated on this "
+        "prompt) before extracting the prompt's own [FRAGJOBS_MODEL_LEVEL: on]; the farm "
+        "always extracts the prompt's own.",
+    ),
+    click.option(
         "--paraphrase",
         "paraphrases",
         multiple=True,
@@ -86,6 +93,7 @@ KNOB_PARAMS = (
     "no_int8",
     "no_caching",
     "fidelity",
+    "model_level",
     "paraphrases",
 )
 
@@ -106,6 +114,7 @@ def knobs_from_options(options: dict[str, Any], **more: Any) -> Any:
         low_rank=options["low_rank"],
         int8=not options["no_int8"],
         caching=not options["no_caching"],
+        model_level=options["model_level"],
         paraphrases=list(options["paraphrases"]),
         **more,
     )

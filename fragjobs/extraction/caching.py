@@ -16,6 +16,7 @@ the others in one batch only when it passes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -101,6 +102,7 @@ def search_block_caching(
     height: int,
     width: int,
     reference: torch.Tensor | None = None,
+    candidates: Sequence[CachingSchedule] | None = None,
 ) -> tuple[CachingSchedule | None, list[dict[str, float | None]]]:
     """The fastest routing whose images keep ``config.min_ssim`` against the full model.
 
@@ -114,7 +116,9 @@ def search_block_caching(
     orders, CFG steps and probe it was tried with. The full model's images are
     ``reference``, else the profile's own final latents decoded (generated again only when
     the profile holds none). ``unet`` is left with the chosen routing attached, or with none
-    when no candidate tried passes.
+    when no candidate tried passes. ``candidates``: the schedules to search (cheapest first),
+    instead of those planned from the profile's own block changes (a model-level search,
+    :mod:`fragjobs.extraction.shared_schedule`).
 
     Returns:
         ``(schedule or None, one row per candidate tried: delta, shallow_delta,
@@ -123,9 +127,10 @@ def search_block_caching(
     gen = profiling_generation(profile, height, width)
     if reference is None:
         reference = reference_images(pipe, profile, height, width)
-    candidates = candidate_schedules(
-        profile.mean_block_change(), profile.layer_time_ms, profile.config.steps, config
-    )
+    if candidates is None:
+        candidates = candidate_schedules(
+            profile.mean_block_change(), profile.layer_time_ms, profile.config.steps, config
+        )
     routing = _Routing(profile, config)
     rows: list[dict[str, float | None]] = []
     tried: dict[int, CachingSchedule] = {}

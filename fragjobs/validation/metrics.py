@@ -18,6 +18,7 @@ A metric that cannot be computed is never guessed (DESIGN §7).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from collections.abc import Callable
@@ -329,20 +330,27 @@ def _projected(output: Any) -> torch.Tensor:
 
 
 def _clip_loader(path: Path) -> Callable[[], tuple[torch.nn.Module, Any]]:
-    def load() -> tuple[torch.nn.Module, Any]:
-        from transformers import CLIPModel, CLIPProcessor
+    """A loader of the CLIP folder ``path`` for CLIPScore; the loaded model is kept (one per
+    folder, as of its files' modification time), so a gate per prompt loads it once."""
+    stamp = max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=0)
+    return functools.partial(_load_clip, str(path), stamp)
 
-        try:
-            model = CLIPModel.from_pretrained(path, local_files_only=True)
-            processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"clip_model_path {path} is not a loadable local CLIPModel folder (config, "
-                f"weights, tokenizer and image-processor files from save_pretrained): {exc}"
-            ) from exc
-        return _CLIPFeatures(model.eval()), processor
 
-    return load
+@functools.lru_cache(maxsize=2)
+def _load_clip(path: str, stamp: int) -> tuple[torch.nn.Module, Any]:
+    """The CLIP model and processor of the folder ``path`` (``stamp``: its files' newest
+    modification time, so a changed folder is loaded again)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"clip_model_path {path} is not a loadable local CLIPModel folder (config, "
+            f"weights, tokenizer and image-processor files from save_pretrained): {exc}"
+        ) from exc
+    return _CLIPFeatures(model.eval()), processor
 
 
 def _clip_scores(

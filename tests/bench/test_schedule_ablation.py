@@ -105,27 +105,27 @@ def test_a_model_level_schedule_needs_another_calibration_prompt(profiles):
         schedules_at_cost(PROMPTS[0], only_self, profiles, 0.5, CONFIG, times)
 
 
-def test_sharing_break_even_keeps_only_validation_per_prompt():
-    def summary(prompt, overhead, validate, saving, profile_s):
+def test_sharing_break_even_splits_the_runs_by_the_fragment_that_made_them():
+    def summary(prompt, used, variants):
         return {
             "prompt": prompt,
-            "performance": {"validate_s": validate, "profile_s": profile_s},
-            "hypotheses": {
-                "H5": {"values": {"overhead_s": overhead, "saving_per_image_s": saving}}
-            },
+            "model_level": None if used is None else {"used": used},
+            "hypotheses": {"H5": {"values": {"break_even_variants": variants}}},
         }
 
     result = sharing_break_even(
         [
-            summary("a", 8.0, 1.0, 0.1, 2.0),
-            summary("b", 6.0, 2.0, 0.5, 1.0),
-            summary("c", 9.0, 1.0, 0.0, 1.5),  # no saving: no break-even
+            summary("a", True, 3.04),
+            summary("b", True, 5.0),
+            summary("c", False, 40.0),
+            summary("d", None, None),  # the prompt's own chain; its fragment failed the gate
         ]
     )
     assert result["runs"] == [
-        {"prompt": "a", "now": 80.0, "shared": 10.0},
-        {"prompt": "b", "now": 12.0, "shared": 4.0},
-        {"prompt": "c", "now": None, "shared": None},
+        {"prompt": "a", "model_level_used": True, "break_even": 3.0},
+        {"prompt": "b", "model_level_used": True, "break_even": 5.0},
+        {"prompt": "c", "model_level_used": False, "break_even": 40.0},
+        {"prompt": "d", "model_level_used": False, "break_even": None},
     ]
-    assert result["median_now"] == 46.0 and result["median_shared"] == 7.0
-    assert result["calibration_s"] == 4.5
+    assert result["model_level_runs"] == 2
+    assert result["median_model_level"] == 4.0 and result["median_own"] == 40.0

@@ -52,6 +52,7 @@ def run_folder(tmp_path_factory) -> Path:
             ws=ws,
             progress=False,
             measure_memory=False,
+            model_level=False,  # the page of a prompt's own chain: every file and table
         )
     finally:
         ws.close()

@@ -1,0 +1,367 @@
+"""The model-level fragment: extracted once per base, only gated per prompt.
+
+A prompt's own fragment costs a profile, an extraction (head guard, caching trials) and a
+validation before its first variant; on ``shapes`` that is 40–130 variants' worth of saved
+time (docs/results.md, H5). The results page's schedule ablation found a schedule calibrated
+on other prompts as good as a prompt's own on 8 of 10 prompts, so the chain shares one:
+
+1. :func:`model_level_fragment` finds this base's model-level fragment (same extraction
+   settings) in the catalog, or builds it once: profiles of the calibration prompts
+   (:func:`calibration_prompts`), a schedule searched against all of them
+   (:mod:`fragjobs.extraction.shared_schedule`), stored like any fragment (lineage to the
+   first calibration profile, the prompts in its ``params["model_level"]``) and validated on
+   held-out seeds of its first prompt.
+2. :func:`gate_for_prompt` judges it on a new prompt: the full model's images of the
+   validation seeds (kept under the profile id the prompt's own chain would use, so they
+   are delivered as variants and a fallback chain reuses them) against the fragment's on the
+   same seeds, by the same gate. The verdict is a validation row of the model-level
+   fragment, with the prompt; a prompt it fails does not change the fragment's status.
+
+:func:`fragjobs.chain.run` tries this first (knob ``model_level``, setting
+``FRAGJOBS_MODEL_LEVEL``) and falls back to the prompt's own chain when there is no
+model-level fragment or the gate fails; either way the report says which and counts every
+second spent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fragjobs.base_models import LoadedBase
+from fragjobs.chain.bases import base
+from fragjobs.chain.extract_step import store_fragment
+from fragjobs.chain.fragments import warm_fragment_unet
+from fragjobs.chain.full_images import FullImageSpec, full_model_images
+from fragjobs.chain.knobs import ChainKnobs
+from fragjobs.chain.locks import write_lock
+from fragjobs.chain.profile_step import profile, profile_id_of
+from fragjobs.chain.stored import read_manifest
+from fragjobs.chain.validate_step import gate_reason, generation_config, quality, validate
+from fragjobs.chain.workspaces import Workspace
+from fragjobs.extraction.shared_schedule import extract_model_level_fragment
+from fragjobs.generation import generate_images, with_unet
+from fragjobs.keys import make_fragment_key, normalise_prompt, params_hash
+from fragjobs.manifest import QualityLayer
+from fragjobs.profiling import ProfileConfig
+from fragjobs.validation import evaluate_gate, load_thresholds
+
+log = logging.getLogger("fragjobs")
+
+CALIBRATION_PROMPTS = 6
+"""Prompts a model-level schedule is calibrated on."""
+
+MIN_CALIBRATION_PROMPTS = 3
+"""A base that is not built in needs this many prompts with fragments of their own."""
+
+CALIBRATION_SEED = 20_261_203
+"""Draws the built-ins' calibration scenes (any fixed seed: none is tuned)."""
+
+
+@dataclass
+class ModelLevel:
+    """The base's model-level fragment (``key``), or why there is none (``reason``)."""
+
+    key: str | None
+    reason: str | None
+    built_s: float = 0.0
+    """Seconds this call spent building it (0 when it was in the catalog)."""
+    prompts: tuple[str, ...] = ()
+
+
+@dataclass
+class PromptGate:
+    """The model-level fragment judged on one prompt (:func:`gate_for_prompt`)."""
+
+    key: str
+    passed: bool
+    seeds: list[int]
+    metrics: Any
+    gate: Any
+    full_images: torch.Tensor
+    fragment_images: torch.Tensor
+    kept_profile_id: str
+    """Where the full model's images of ``seeds`` are kept (the prompt's own profile id)."""
+    elapsed_s: float
+    full_s: float
+    """Of ``elapsed_s``, the seconds that made the full model's images (delivered)."""
+    reason: str | None
+
+
+def calibration_prompts(ws: Workspace, loaded: LoadedBase, base_model_id: int) -> list[str]:
+    """The prompts a model-level schedule of this base is calibrated on.
+
+    A built-in base (all are trained on, or sized for, the shapes vocabulary): captions of
+    :data:`CALIBRATION_PROMPTS` scenes drawn with :data:`CALIBRATION_SEED`. Any other base:
+    the prompts of its own per-prompt fragments in the catalog, newest first (the library
+    teaches the model-level schedule; none of them is the prompt being run, whose fragment
+    does not exist yet).
+    """
+    if loaded.info.source.startswith("builtin:"):
+        from fragjobs.builtin.scenes import canonical_caption, sample_specs
+
+        generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+        specs = sample_specs(4 * CALIBRATION_PROMPTS, generator, held_out=None, jitter=False)
+        captions = [canonical_caption(s) for s in specs]
+        random.Random(CALIBRATION_SEED).shuffle(captions)
+        return list(dict.fromkeys(captions))[:CALIBRATION_PROMPTS]
+    rows = ws.catalog.list_fragments(base_model_id=base_model_id)
+    own = [r for r in sorted(rows, key=lambda r: r.created_at, reverse=True) if not _shared(r)]
+    return list(dict.fromkeys(r.prompt for r in own))[:CALIBRATION_PROMPTS]
+
+
+def model_level_fragment(ws: Workspace, knobs: ChainKnobs, *, progress: bool = False) -> ModelLevel:
+    """This base's model-level fragment for ``knobs``' extraction settings, built when there
+    is none (module docstring). Never raises for a base that cannot have one: ``reason``
+    says why (no caching, too few calibration prompts, no schedule kept the fidelity, its
+    gate failed on its own prompt)."""
+    if not knobs.caching:
+        return ModelLevel(None, "caching is off: a model-level fragment is a caching schedule")
+    loaded = base(knobs.model, ws.settings)
+    info = loaded.info
+    base_row = ws.catalog.get_or_create_base_model(info.name, info.sha256, info.source)
+    wanted = _settings_signature(knobs, loaded)
+    existing = _existing(ws, base_row.id, wanted)
+    if existing is not None:
+        return existing
+    with write_lock(ws, f"model-level:{info.sha256}:{params_hash(wanted)[:12]}"):
+        existing = _existing(ws, base_row.id, wanted)
+        if existing is not None:
+            return existing
+        started = time.perf_counter()
+        prompts = calibration_prompts(ws, loaded, base_row.id)
+        if len(prompts) < MIN_CALIBRATION_PROMPTS:
+            return ModelLevel(
+                None,
+                f"a model-level fragment of {info.name} needs {MIN_CALIBRATION_PROMPTS} prompts "
+                f"with fragments of their own on it, it has {len(prompts)}",
+            )
+        profiles = [
+            profile(
+                p,
+                model=knobs.model,
+                seeds=knobs.profile_seeds,
+                steps=knobs.steps,
+                ws=ws,
+                progress=progress,
+            )
+            for p in prompts
+        ]
+        config = knobs.extraction_config()
+        first = profiles[0]
+        params = {
+            **config.params(first.profile),
+            "model_level": {
+                **wanted,
+                "prompts": prompts,
+                "profile_ids": [p.profile_id for p in profiles],
+            },
+        }
+        key = make_fragment_key(info.name, first.profile.prompt, params)
+        fragment = extract_model_level_fragment(
+            loaded.pipe,
+            info,
+            [p.profile for p in profiles],
+            config,
+            profile_id=first.profile_id,
+            key=key,
+        )
+        prof_row = ws.catalog.get_profile(first.profile_id)
+        store_fragment(ws, fragment, prof_row, base_row.id, params, started)
+        val = validate(key, seeds=knobs.validation_seeds, ws=ws, progress=progress)
+        built = time.perf_counter() - started
+    routing = fragment.manifest.dynamic_routing
+    if not routing.enabled:
+        return ModelLevel(
+            None, f"model-level fragment {key}: {routing.reason}", built, tuple(prompts)
+        )
+    if not val.passed:
+        return ModelLevel(
+            None,
+            f"model-level fragment {key} failed its gate: {gate_reason(val.gate)}",
+            built,
+            tuple(prompts),
+        )
+    return ModelLevel(key, None, built, tuple(prompts))
+
+
+def gate_for_prompt(
+    ws: Workspace, key: str, prompt: str, knobs: ChainKnobs, *, progress: bool = False
+) -> PromptGate:
+    """The model-level fragment ``key`` against the full model on ``prompt``'s validation
+    seeds, by the gate of ``thresholds.yaml`` (module docstring)."""
+    normalise_prompt(prompt)
+    thresholds = load_thresholds(ws.settings.thresholds_path)
+    started = time.perf_counter()
+    row = ws.catalog.get_fragment(key)
+    loaded = base(knobs.model, ws.settings)
+    manifest, unet = warm_fragment_unet(ws, loaded, row)
+    seeds = list(knobs.validation_seeds)
+    gen = generation_config(manifest, batch_size=len(seeds))
+    kept_id = profile_id_of(loaded.info, prompt, _profile_config(knobs, loaded))
+    full, _ = full_model_images(
+        ws,
+        loaded.pipe,
+        kept_id,
+        FullImageSpec.of(loaded.info.sha256, prompt, gen),
+        seeds,
+        gen,
+        progress=progress,
+    )
+    full_s = time.perf_counter() - started
+    frag = generate_images(
+        with_unet(loaded.pipe, unet),
+        prompt,
+        seeds,
+        gen,
+        progress=progress,
+        desc="gate: model-level fragment",
+    )
+    metrics = quality(ws, loaded, full, frag, prompt)
+    gate = evaluate_gate(metrics, thresholds, seeds)
+    layer = QualityLayer(
+        seeds=seeds,
+        metrics=metrics.model_dump(mode="json"),
+        gate=gate.model_dump(mode="json"),
+        thresholds=thresholds.model_dump(mode="json"),
+    )
+    ws.catalog.add_validation(
+        key, {"prompt": prompt.strip(), **layer.model_dump(mode="json")}, gate.passed
+    )
+    return PromptGate(
+        key,
+        gate.passed,
+        seeds,
+        metrics,
+        gate,
+        full,
+        frag,
+        kept_id,
+        elapsed_s=time.perf_counter() - started,
+        full_s=full_s,
+        reason=None if gate.passed else gate_reason(gate),
+    )
+
+
+def _profile_config(knobs: ChainKnobs, loaded: LoadedBase) -> ProfileConfig:
+    """The profile settings the prompt's own chain would use (:func:`profile`)."""
+    info = loaded.info
+    return ProfileConfig(
+        seeds=tuple(knobs.profile_seeds),
+        steps=knobs.steps or info.default_steps,
+        step_stride=2,
+        guidance_scale=info.default_guidance,
+        height=info.height,
+        width=info.width,
+    )
+
+
+def _settings_signature(knobs: ChainKnobs, loaded: LoadedBase) -> dict[str, Any]:
+    """What a model-level fragment must share with the run to be used for it."""
+    config = knobs.extraction_config()
+    signature = {
+        "caching": config.caching.params() if config.caching else None,
+        "int8": asdict(config.int8) if config.int8 else None,
+        "low_rank": asdict(config.low_rank) if config.low_rank else None,
+        "steps": knobs.steps or loaded.info.default_steps,
+        "profile_seeds": list(knobs.profile_seeds),
+    }
+    return json.loads(json.dumps(signature))  # as the catalog gives it back (lists, not tuples)
+
+
+def _shared(row: Any) -> bool:
+    return isinstance(row.params, dict) and "model_level" in row.params
+
+
+def _existing(ws: Workspace, base_model_id: int, wanted: dict[str, Any]) -> ModelLevel | None:
+    """The ready model-level fragment of these settings, or one that failed (its reason)."""
+    for row in ws.catalog.list_fragments(base_model_id=base_model_id):
+        if not _shared(row):
+            continue
+        recorded = {k: v for k, v in row.params["model_level"].items() if k in wanted}
+        if recorded != wanted:
+            continue
+        prompts = tuple(row.params["model_level"].get("prompts", ()))
+        if row.status == "ready":
+            routing = read_manifest(ws, row).dynamic_routing
+            if not routing.enabled:
+                return ModelLevel(None, f"model-level fragment {row.key}: {routing.reason}")
+            return ModelLevel(row.key, None, 0.0, prompts)
+        if row.status in ("failed_gate",):
+            return ModelLevel(
+                None,
+                f"model-level fragment {row.key} is {row.status}"
+                + (f" ({row.status_reason})" if row.status_reason else ""),
+                0.0,
+                prompts,
+            )
+    return None
+
+
+@dataclass
+class SharedAttempt:
+    """What :func:`try_model_level` found: the fragment (or why none) and its gate here."""
+
+    level: ModelLevel
+    gate: PromptGate | None
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The attempt's row in the report (the fields of the gate ladder's rows)."""
+        gate = self.gate
+        metrics = None if gate is None else gate.metrics
+        return {
+            "key": self.level.key,
+            "model_level": True,
+            "heads_kept": None,
+            "heads_total": None,
+            "caching_min_ssim": None,
+            "passed": bool(gate is not None and gate.passed),
+            "ssim": None if metrics is None else metrics.ssim,
+            "ssim_worst": None if metrics is None else min(metrics.ssim_per_image),
+            "colour_delta_e_worst": (
+                None
+                if metrics is None or not metrics.colour_delta_e_per_image
+                else max(metrics.colour_delta_e_per_image)
+            ),
+            "clip_delta": None if metrics is None else metrics.clip_delta,
+            "gate_reason": self.level.reason if gate is None else gate.reason,
+            "extract_s": round(self.level.built_s, 4),
+            "validate_s": 0.0 if gate is None else round(gate.elapsed_s, 4),
+        }
+
+    def to_json(self, used_key: str) -> dict[str, Any]:
+        """The report's ``model_level`` section."""
+        gate = self.gate
+        return {
+            "key": self.level.key,
+            "used": self.level.key is not None and used_key == self.level.key,
+            "reason": self.level.reason if gate is None else gate.reason,
+            "built_s": round(self.level.built_s, 4),
+            "calibration_prompts": list(self.level.prompts),
+            "gate_s": None if gate is None else round(gate.elapsed_s, 4),
+            "gate_full_model_s": None if gate is None else round(gate.full_s, 4),
+            "gate_seeds": None if gate is None else gate.seeds,
+        }
+
+
+def try_model_level(
+    ws: Workspace, prompt: str, knobs: ChainKnobs, *, progress: bool = False
+) -> SharedAttempt:
+    """The base's model-level fragment (built when missing) gated on ``prompt``."""
+    level = model_level_fragment(ws, knobs, progress=progress)
+    if level.key is None:
+        log.info("no model-level fragment: %s", level.reason)
+        return SharedAttempt(level, None)
+    gate = gate_for_prompt(ws, level.key, prompt, knobs, progress=progress)
+    if not gate.passed:
+        log.warning(
+            "model-level fragment %s failed its gate on %r: %s", level.key, prompt, gate.reason
+        )
+    return SharedAttempt(level, gate)

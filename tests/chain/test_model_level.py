@@ -1,0 +1,200 @@
+"""The model-level fragment: built once per base, gated per prompt, else the prompt's own.
+
+Runs on tiny-sd (random weights: the gate's verdict is set by the thresholds file each test
+writes, so both paths are exercised on purpose), embedded, every step real."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+
+import pytest
+
+from fragjobs import chain
+from fragjobs.chain.knobs import ChainKnobs
+from fragjobs.chain.model_level import (
+    CALIBRATION_PROMPTS,
+    calibration_prompts,
+    model_level_fragment,
+)
+from fragjobs.chain.profile_step import profile_id_of
+from fragjobs.errors import InvalidInputError
+from fragjobs.extraction import BlockCachingConfig
+from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
+from fragjobs.extraction.shared_schedule import search_shared_schedule
+from fragjobs.families import denoiser
+
+MODEL = "tiny-sd"
+SMALL = {
+    "model": MODEL,
+    "steps": 6,
+    "profile_seeds": [0, 1],
+    "validation_seeds": [1000, 1001],
+    "variants": 4,
+}
+
+
+@pytest.fixture
+def gate(settings, tmp_path, monkeypatch):
+    """Sets the quality gate: ``gate(passing=True)`` accepts any image, False none."""
+    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
+    path = tmp_path / "gate.yaml"
+    monkeypatch.setattr(settings, "thresholds_path", path)
+
+    def set_gate(passing: bool) -> None:
+        ssim_min = "0.001" if passing else "1.0"
+        body = text.replace("ssim_min: 0.85", f"ssim_min: {ssim_min}")
+        path.write_text(body.replace("colour_delta_e_max: 12", "colour_delta_e_max: 1000"))
+
+    return set_gate
+
+
+def _run(ws, tmp_path, prompt, **knobs):
+    return chain.run(
+        prompt,
+        **{**SMALL, "model_level": True, **knobs},
+        out_dir=tmp_path / "out",
+        ws=ws,
+        progress=False,
+        measure_memory=False,
+    )
+
+
+def _model_level_rows(ws):
+    return [r for r in ws.catalog.list_fragments() if "model_level" in r.params]
+
+
+def test_a_prompt_the_model_level_fragment_passes_is_not_profiled(ws, tmp_path, gate):
+    gate(passing=True)
+    report = _run(ws, tmp_path, "a red circle on the left")
+    summary = report.summary
+    level = summary["model_level"]
+    assert level["used"] and level["key"] == report.key and level["built_s"] > 0
+    assert len(level["calibration_prompts"]) == CALIBRATION_PROMPTS
+    [row] = _model_level_rows(ws)
+    assert row.key == report.key and row.status == "ready"
+    assert row.params["model_level"]["prompts"] == level["calibration_prompts"]
+    lineage = ws.catalog.lineage(report.key)
+    assert lineage["profile_id"] == row.params["model_level"]["profile_ids"][0]
+    # the prompt itself was never profiled: no profile row, no per-prompt fragment
+    loaded = chain.base(MODEL, ws.settings)
+    knobs = ChainKnobs.from_settings(ws.settings, **SMALL)
+    from fragjobs.chain.model_level import _profile_config
+
+    own_id = profile_id_of(loaded.info, "a red circle on the left", _profile_config(knobs, loaded))
+    assert ws.catalog.find_profile(own_id) is None
+    assert not (report.out_dir / "profiling_raw.parquet").exists()
+    assert any("was not profiled" in n for n in _notes(report))
+    # the gate's full-model images are the first variants; the fragment made the rest
+    delivery = summary["delivery"]
+    assert delivery["seeds"] == [1000, 1001, 0, 1]
+    assert delivery["from_validation"] == [1000, 1001]
+    assert delivery["full_model_seeds"] == [1000, 1001]
+    assert delivery["fragment_seeds"] == [0, 1] and delivery["fragment_key"] == report.key
+    # the run's seconds: the one-off build (this run made it) and the gate, nothing else
+    perf = summary["performance"]
+    assert perf["profile_s"] == 0.0
+    assert perf["extract_s"] == pytest.approx(level["built_s"], abs=1e-3)
+    assert perf["validate_s"] == pytest.approx(level["gate_s"], abs=1e-3)
+    assert perf["delivered_full_model_images"] == 2
+    h5 = summary["hypotheses"]["H5"]["values"]
+    assert h5["chain_s"] == pytest.approx(level["built_s"] + level["gate_s"], abs=1e-3)
+    # a validation row of the model-level fragment records this prompt's verdict
+    latest = ws.catalog.latest_validation(report.key)
+    assert latest.metrics["prompt"] == "a red circle on the left" and latest.passed
+
+
+def test_the_second_prompt_reuses_it_and_pays_only_its_gate(ws, tmp_path, gate):
+    gate(passing=True)
+    first = _run(ws, tmp_path, "a red circle on the left")
+    second = _run(ws, tmp_path, "a blue square at the top")
+    assert second.key == first.key and len(_model_level_rows(ws)) == 1
+    level = second.summary["model_level"]
+    assert level["used"] and level["built_s"] == 0.0
+    perf = second.summary["performance"]
+    assert perf["extract_s"] == 0.0 and perf["chain_s"] == pytest.approx(level["gate_s"], abs=1e-3)
+    assert level["gate_full_model_s"] < level["gate_s"]
+
+
+def test_a_failed_gate_falls_back_to_the_prompts_own_chain(ws, tmp_path, gate):
+    gate(passing=True)
+    model_level_fragment(ws, ChainKnobs.from_settings(ws.settings, **SMALL))  # built, passing
+    gate(passing=False)
+    report = _run(ws, tmp_path, "a green triangle on the right")
+    attempts = report.summary["fragment"]["attempts"]
+    first, last = attempts[0], attempts[-1]
+    assert first["model_level"] and not first["passed"] and "ssim" in first["gate_reason"]
+    assert last["key"] != first["key"] and not last.get("model_level")
+    level = report.summary["model_level"]
+    assert not level["used"] and level["reason"] == first["gate_reason"]
+    # the model-level fragment stays ready: one prompt's verdict is not its status
+    assert ws.catalog.get_fragment(first["key"]).status == "ready"
+    # its gate's seconds are counted in the run; its full-model images were reused by the
+    # prompt's own validation (kept under the prompt's own profile id)
+    perf = report.summary["performance"]
+    assert perf["validate_s"] >= level["gate_s"]
+    assert (report.out_dir / "profiling_raw.parquet").is_file()
+
+
+def test_knob_off_builds_nothing_model_level(ws, tmp_path, gate):
+    gate(passing=True)
+    report = _run(ws, tmp_path, "a red circle on the left", model_level=False)
+    assert report.summary["model_level"] is None and not _model_level_rows(ws)
+
+
+def test_a_folder_needs_prompts_of_its_own_before_it_gets_one(ws, tmp_path, gate):
+    from fragjobs.builtin import BUILTINS
+
+    gate(passing=True)
+    folder = tmp_path / "my-model"
+    BUILTINS[MODEL].build().save_pretrained(folder)
+    knobs = ChainKnobs.from_settings(ws.settings, **{**SMALL, "model": str(folder)})
+    level = model_level_fragment(ws, knobs)
+    assert level.key is None and "needs 3 prompts" in level.reason and "it has 0" in level.reason
+    for prompt in ("a red circle on the left", "a blue square at the top", "a green star"):
+        _run(ws, tmp_path, prompt, model=str(folder), model_level=False)
+    loaded = chain.base(str(folder), ws.settings)
+    base_row = ws.catalog.get_or_create_base_model(
+        loaded.info.name, loaded.info.sha256, loaded.info.source
+    )
+    prompts = calibration_prompts(ws, loaded, base_row.id)
+    assert sorted(prompts) == [
+        "a blue square at the top",
+        "a green star",
+        "a red circle on the left",
+    ]
+    level = model_level_fragment(ws, knobs)
+    assert level.key is not None and sorted(level.prompts) == sorted(prompts)
+
+
+def test_the_shared_schedule_keeps_its_fidelity_on_every_calibration_prompt(ws):
+    loaded = chain.base(MODEL, ws.settings)
+    profiles = [
+        chain.profile(p, model=MODEL, seeds=[0, 1], steps=6, ws=ws, progress=False).profile
+        for p in ("a red circle on the left", "a blue square at the top")
+    ]
+    unet = denoiser(loaded.pipe)
+    config = BlockCachingConfig(min_ssim=0.9)
+    size = loaded.info.height, loaded.info.width
+    try:
+        schedule, rows = search_shared_schedule(
+            loaded.pipe, unet, profiles, config, height=size[0], width=size[1]
+        )
+        assert rows and {r["prompt_index"] for r in rows} <= {0.0, 1.0}
+        if schedule is not None:  # attached: each prompt's worst profiling seed keeps it
+            for p in profiles:
+                reference = reference_images(loaded.pipe, p, *size)
+                gen = profiling_generation(p, *size)
+                worst, _mean = seed_ssim(loaded.pipe, unet, p, reference, gen)
+                assert worst >= 0.9
+    finally:
+        from fragjobs.extraction import remove_block_caching
+
+        remove_block_caching(unet)
+    with pytest.raises(InvalidInputError, match="at least two"):
+        search_shared_schedule(loaded.pipe, unet, profiles[:1], config, height=8, width=8)
+
+
+def _notes(report):
+    path = report.out_dir / "metrics_summary.json"
+    return json.loads(path.read_text()).get("notes", [])
