@@ -158,9 +158,10 @@ def run(
         }
         profile_reused, fragment_reused = prof.reused, ext.reused
         if shared is not None:  # its seconds count: they were spent before this chain
-            attempts.insert(0, shared.row)
             steps_s["extract_s"] += shared.level.built_s
-            steps_s["validate_s"] += shared.gate.elapsed_s if shared.gate is not None else 0.0
+            if shared.gate is not None:  # it was tried on this prompt and failed
+                attempts.insert(0, shared.row)
+                steps_s["validate_s"] += shared.gate.elapsed_s
 
     loaded = fragment_base(ws, key)
     fragment = load_stored_fragment(key, ws)
@@ -263,6 +264,13 @@ def run(
     notes = []
     if result.used_fallback:
         notes.append(f"variants generated with the full model: {result.fallback_reason}")
+    if shared is not None and shared.level.built_s > 0:
+        notes.append(
+            f"built the base's model-level fragment {shared.level.key or ''} in "
+            f"{shared.level.built_s:.1f} s (once per base; counted in this run's break-even)"
+        )
+    if shared is not None and shared.level.key is None:
+        notes.append(f"no model-level fragment: {shared.level.reason}")
     if prof is None:
         notes.append(
             f"the prompt was not profiled: the model-level fragment {key} passed its gate on "

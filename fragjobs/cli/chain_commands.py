@@ -73,12 +73,10 @@ def run(prompt, out_dir, batch_size, steps, profile_seeds, validation_seeds, use
     report = run_chain(prompt, knobs, out_dir=out)
     for attempt in report.summary["fragment"]["attempts"][:-1]:
         if attempt.get("model_level"):
-            what = (
-                "no model-level fragment"
-                if attempt["key"] is None
-                else (f"model-level fragment {attempt['key']}: gate FAILED on this prompt")
+            click.echo(
+                f"model-level fragment {attempt['key']}: gate FAILED on this prompt "
+                f"({attempt['gate_reason']}); extracting the prompt's own"
             )
-            click.echo(f"{what} ({attempt['gate_reason']}); extracting the prompt's own")
             continue
         caching = attempt["caching_min_ssim"]
         click.echo(

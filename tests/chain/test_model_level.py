@@ -198,3 +198,40 @@ def test_the_shared_schedule_keeps_its_fidelity_on_every_calibration_prompt(ws):
 def _notes(report):
     path = report.out_dir / "metrics_summary.json"
     return json.loads(path.read_text()).get("notes", [])
+
+
+def test_fragjobs_run_tries_it_by_default(settings, gate, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gate(passing=True)
+    env = {**os.environ, "FRAGJOBS_THRESHOLDS_PATH": str(settings.thresholds_path)}
+    env.pop("FRAGJOBS_MODEL_LEVEL")  # the default, as a user gets it
+    args = ["--model", MODEL, "--steps", "6", "--variants", "3", "--profile-seeds", "0,1"]
+    args += ["--validation-seeds", "1000,1001", "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, "-m", "fragjobs.cli", "run", "a red circle on the left", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "built the base's model-level fragment" in done.stdout
+    assert "the prompt was not profiled" in done.stdout
+    [folder] = (tmp_path / "out").iterdir()
+    summary = json.loads((folder / "metrics_summary.json").read_text())
+    assert summary["model_level"]["used"] and summary["knobs"]["model_level"] is True
+    per_prompt = [*args, "--per-prompt"]
+    done = subprocess.run(
+        [sys.executable, "-m", "fragjobs.cli", "run", "a blue square at the top", *per_prompt],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    newest = max((tmp_path / "out").iterdir(), key=lambda p: p.stat().st_mtime)
+    summary = json.loads((newest / "metrics_summary.json").read_text())
+    assert summary["model_level"] is None and summary["knobs"]["model_level"] is False
