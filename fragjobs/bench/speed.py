@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from fragjobs.bench import model_level_row
 from fragjobs.bench.diffusers_cache import PeerUnavailableError
 from fragjobs.bench.headroom import pipeline_bytes, shortfall
 from fragjobs.bench.loading import load_for_bench
@@ -82,6 +83,7 @@ from fragjobs.bench.peers import (
 )
 from fragjobs.bench.speed_report import markdown_report, plot
 from fragjobs.bench.timing import time_interleaved
+from fragjobs.errors import InvalidInputError
 from fragjobs.families import denoiser
 from fragjobs.validation.break_even import break_even_delivered, break_even_old
 
@@ -120,7 +122,12 @@ def bench_model(
     from fragjobs.profiling import ProfileConfig, profile_prompt
     from fragjobs.validation import compute_quality
 
-    check_methods(methods, threshold, fidelity)
+    check_methods(
+        tuple(m for m in methods if not model_level_row.is_model_level(m)), threshold, fidelity
+    )
+    for name in methods:
+        if model_level_row.is_model_level(name):
+            model_level_row.check(name, fidelity)
     loaded, gen = load_for_bench(model, size=size, steps=steps, batch_size=batch_size)
     pipe, info = loaded.pipe, loaded.info
     height, width, steps = gen.height, gen.width, gen.steps
@@ -132,21 +139,17 @@ def bench_model(
         full_bytes, device, f"extracting a fragment (a copy of the {type(model_module).__name__})"
     )
     prof, profile_s = None, None
+    profile_config = ProfileConfig(
+        seeds=profile_seeds,
+        steps=steps,
+        step_stride=2,
+        guidance_scale=info.default_guidance,
+        height=height,
+        width=width,
+    )
     if no_room is None and any(is_fragment_method(name) for name in methods):
         started = time.perf_counter()
-        prof = profile_prompt(
-            pipe,
-            prompt,
-            ProfileConfig(
-                seeds=profile_seeds,
-                steps=steps,
-                step_stride=2,
-                guidance_scale=info.default_guidance,
-                height=height,
-                width=width,
-            ),
-            progress=False,
-        )
+        prof = profile_prompt(pipe, prompt, profile_config, progress=False)
         profile_s = time.perf_counter() - started
     started = time.perf_counter()
     full_images = generate_images(pipe, prompt, eval_seeds, gen)
@@ -182,8 +185,28 @@ def bench_model(
     add("full", lambda: contextlib.nullcontext(pipe), full_bytes, {})
     for name in methods:
         technique, _, knob = name.partition("@")
-        if is_fragment_method(name) and no_room is not None:
+        if (is_fragment_method(name) or model_level_row.is_model_level(name)) and no_room:
             rows.append({"method": name, "unavailable": no_room})
+        elif model_level_row.is_model_level(name):
+            try:
+                fragment, unet, extra = model_level_row.build(
+                    pipe, info, profile_config, model_level_row.check(name, fidelity)
+                )
+            except InvalidInputError as exc:
+                rows.append({"method": name, "unavailable": str(exc)})
+                continue
+            fragment_pipe = with_unet(pipe, unet)
+            extra["gate_s"] = round(
+                model_level_row.gate_seconds(
+                    pipe, fragment_pipe, prompt, eval_seeds[: model_level_row.GATE_SEEDS], gen
+                ),
+                3,
+            )
+            if fragments_dir is not None:
+                save_fragment(fragment, fragments_dir / name)
+                extra["fragment_dir"] = str(fragments_dir / name)
+            add(name, lambda p=fragment_pipe: contextlib.nullcontext(p), weight_bytes(unet), extra)
+            del fragment, unet, fragment_pipe
         elif is_fragment_method(name):
             t0 = time.perf_counter()
             fragment, unet = extract_fragment(
@@ -224,7 +247,8 @@ def bench_model(
     release_freed_heap()
     if memory:
         for row in rows:
-            if "unavailable" in row or ("extract_s" in row and "fragment_dir" not in row):
+            fragment_row = "extract_s" in row or "build_s" in row
+            if "unavailable" in row or (fragment_row and "fragment_dir" not in row):
                 continue
             if is_peer(row["method"]) and parse_peer(row["method"])[0] in NEEDS_CALIBRATION:
                 row["rss_note"] = "not probed: its calibration runs in the benchmark process"
@@ -240,7 +264,7 @@ def bench_model(
                 size=size,
                 batch_size=batch_size,
                 fragment_dir=Path(row["fragment_dir"]) if "fragment_dir" in row else None,
-                peer=None if row["method"] == "full" or "extract_s" in row else row["method"],
+                peer=None if row["method"] == "full" or fragment_row else row["method"],
             )
             row["rss_held_mib"] = round(figures["rss_held_bytes"] / 2**20, 1)
             row["rss_peak_mib"] = round(figures["rss_peak_bytes"] / 2**20, 1)
@@ -296,6 +320,13 @@ def _speedups_and_break_even(
             fragment_s = row["latency_ms"] / 1000
             old = break_even_old(overhead, full_s, fragment_s)
             new = break_even_delivered(overhead, delivered, full_s, fragment_s)
+            row["break_even_old"] = None if old is None else round(old, 1)
+            row["break_even_delivered"] = None if new is None else round(new, 1)
+        if "build_s" in row and "latency_ms" in row:  # the model-level fragment: its gate
+            fragment_s = row["latency_ms"] / 1000
+            gate = model_level_row.GATE_SEEDS
+            old = break_even_old(row["gate_s"], full_s, fragment_s)
+            new = break_even_delivered(row["gate_s"], gate, full_s, fragment_s)
             row["break_even_old"] = None if old is None else round(old, 1)
             row["break_even_delivered"] = None if new is None else round(new, 1)
 

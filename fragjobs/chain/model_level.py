@@ -104,16 +104,22 @@ def calibration_prompts(ws: Workspace, loaded: LoadedBase, base_model_id: int) -
     does not exist yet).
     """
     if loaded.info.source.startswith("builtin:"):
-        from fragjobs.builtin.scenes import canonical_caption, sample_specs
-
-        generator = torch.Generator().manual_seed(CALIBRATION_SEED)
-        specs = sample_specs(4 * CALIBRATION_PROMPTS, generator, held_out=None, jitter=False)
-        captions = [canonical_caption(s) for s in specs]
-        random.Random(CALIBRATION_SEED).shuffle(captions)
-        return list(dict.fromkeys(captions))[:CALIBRATION_PROMPTS]
+        return builtin_calibration_prompts()
     rows = ws.catalog.list_fragments(base_model_id=base_model_id)
     own = [r for r in sorted(rows, key=lambda r: r.created_at, reverse=True) if not _shared(r)]
     return list(dict.fromkeys(r.prompt for r in own))[:CALIBRATION_PROMPTS]
+
+
+def builtin_calibration_prompts() -> list[str]:
+    """Captions of :data:`CALIBRATION_PROMPTS` scenes of the shapes vocabulary, drawn with
+    :data:`CALIBRATION_SEED` (the same on every call)."""
+    from fragjobs.builtin.scenes import canonical_caption, sample_specs
+
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    specs = sample_specs(4 * CALIBRATION_PROMPTS, generator, held_out=None, jitter=False)
+    captions = [canonical_caption(s) for s in specs]
+    random.Random(CALIBRATION_SEED).shuffle(captions)
+    return list(dict.fromkeys(captions))[:CALIBRATION_PROMPTS]
 
 
 def model_level_fragment(ws: Workspace, knobs: ChainKnobs, *, progress: bool = False) -> ModelLevel:
@@ -164,7 +170,7 @@ def model_level_fragment(ws: Workspace, knobs: ChainKnobs, *, progress: bool = F
             },
         }
         key = make_fragment_key(info.name, first.profile.prompt, params)
-        fragment = extract_model_level_fragment(
+        fragment, _unet = extract_model_level_fragment(
             loaded.pipe,
             info,
             [p.profile for p in profiles],

@@ -140,8 +140,9 @@ def extract_model_level_fragment(
     *,
     profile_id: str,
     key: str,
-) -> Fragment:
-    """The model-level fragment of ``profiles`` (module docstring), keyed ``key``.
+) -> tuple[Fragment, nn.Module]:
+    """The model-level fragment of ``profiles`` (module docstring), keyed ``key``, and its
+    edited denoiser copy (the schedule attached).
 
     ``profile_id`` is the first profile's (its manifest's profiling layer). The fragment's
     routing is disabled, with the reason, when no schedule keeps ``config.caching.min_ssim``
@@ -164,4 +165,4 @@ def extract_model_level_fragment(
     fragment.manifest = fragment.manifest.model_copy(
         update={"key": key, "dynamic_routing": routing}
     )
-    return fragment
+    return fragment, unet

@@ -163,3 +163,54 @@ def test_peak_rss_is_the_process_own_not_inherited_from_its_parent():
     )
     del ballast
     assert int(child.stdout.strip()) < 1024 * 2**20  # ru_maxrss would say >= 1.5 GiB here
+
+
+def test_the_model_level_row_pays_only_its_gate_and_reports_its_one_off_build(tmp_path):
+    result = bench_model(
+        "tiny-sd",
+        threshold=0.75,
+        fidelity=0.9,
+        steps=4,
+        size=None,
+        batch_size=2,
+        repeats=2,
+        prompt="a dog on a jet ski",
+        methods=("model_level", "deepcache_3"),
+        profile_seeds=(0, 1),
+        eval_seeds=4,
+        fragments_dir=tmp_path,
+        memory=False,
+        log=lambda _line: None,
+    )
+    rows = {row["method"]: row for row in result["rows"]}
+    shared = rows["model_level"]
+    assert shared["build_s"] > 0 and shared["gate_s"] > 0 and shared["fidelity"] == 0.9
+    assert len(shared["calibration_prompts"]) == 6
+    assert (tmp_path / "model_level" / "manifest.json").is_file()
+    assert result["profile_s"] is None  # no prompt's own fragment: the prompt is not profiled
+    saved = (rows["full"]["latency_ms"] - shared["latency_ms"]) / 1000
+    if saved > 0:  # the gate's seconds beyond its four delivered full-model images
+        beyond = max(0.0, shared["gate_s"] - 4 * rows["full"]["latency_ms"] / 1000)
+        assert abs(shared["break_even_delivered"] - beyond / saved) < 0.1 + 0.01 * beyond / saved
+        assert abs(shared["break_even_old"] - shared["gate_s"] / saved) < 0.1 + 0.01 * (
+            shared["gate_s"] / saved
+        )
+    else:
+        assert shared["break_even_delivered"] is None
+    # it counts as a fragment point in the dominance list, not as a peer
+    from fragjobs.bench.speed_report import fragment_rows, peer_rows
+
+    assert shared in fragment_rows(result) and shared not in peer_rows(result)
+    with pytest.raises(InvalidInputError, match="not a fidelity"):
+        bench_model(
+            "tiny-sd",
+            threshold=0.75,
+            fidelity=0.9,
+            steps=4,
+            size=None,
+            batch_size=2,
+            repeats=1,
+            prompt="x",
+            methods=("model_level@high",),
+            log=lambda _line: None,
+        )

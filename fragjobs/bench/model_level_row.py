@@ -1,0 +1,91 @@
+"""The benchmark's ``model_level`` method: the chain's model-level fragment of the base.
+
+``model_level`` (or ``model_level@0.95``: another fidelity) builds what
+:func:`fragjobs.chain.model_level.model_level_fragment` builds, without a catalog: the
+built-in calibration prompts profiled with the benchmark's settings, the schedule searched
+against all of them (:mod:`fragjobs.extraction.shared_schedule`), on the chain's default
+edits (int8 and block caching, no head pruning). Its row carries ``build_s`` (the one-off,
+once per base, never per prompt) and ``gate_s``: what a prompt pays to use it in the chain —
+the full model and the fragment on the chain's four validation seeds, then the gate's
+metrics. Its break-even counts ``gate_s`` beyond the four full-model images it delivers.
+
+Only built-in bases have calibration prompts without a catalog; for any other the row says
+so (the chain calibrates a folder on its earlier prompts).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fragjobs.bench.methods import extraction_config
+from fragjobs.errors import InvalidInputError
+
+METHOD = "model_level"
+GATE_SEEDS = 4
+"""Validation seeds of the chain's gate (``DEFAULT_VALIDATION_SEEDS``)."""
+
+
+def is_model_level(name: str) -> bool:
+    """Whether ``name`` is ``model_level`` or ``model_level@<fidelity>``."""
+    return name.partition("@")[0] == METHOD
+
+
+def check(name: str, fidelity: float) -> float:
+    """The fidelity of ``name`` (its ``@`` knob, else ``fidelity``)."""
+    knob = name.partition("@")[2]
+    try:
+        return float(knob or fidelity)
+    except ValueError:
+        raise InvalidInputError(f"method {name!r}: {knob!r} is not a fidelity") from None
+
+
+def build(pipe: Any, info: Any, profile_config: Any, fidelity: float) -> tuple[Any, Any, dict]:
+    """The model-level fragment, its denoiser copy and the row's figures (``build_s``,
+    ``calibration_prompts``, ``caching``).
+
+    Raises:
+        InvalidInputError: the base is not a built-in (no calibration prompts here).
+    """
+    from fragjobs.chain.model_level import builtin_calibration_prompts
+    from fragjobs.extraction.shared_schedule import extract_model_level_fragment
+    from fragjobs.profiling import profile_prompt
+
+    if not info.source.startswith("builtin:"):
+        raise InvalidInputError(
+            f"{info.name} is not a built-in: its calibration prompts are the prompts of its "
+            "own fragments in a catalog, which the benchmark has not"
+        )
+    started = time.perf_counter()
+    prompts = builtin_calibration_prompts()
+    profiles = [profile_prompt(pipe, p, profile_config, progress=False) for p in prompts]
+    fragment, unet = extract_model_level_fragment(
+        pipe,
+        info,
+        profiles,
+        extraction_config("int8+caching", 1.0, fidelity),
+        profile_id="bench",
+        key="bench",
+    )
+    routing = fragment.manifest.dynamic_routing
+    extra = {
+        "build_s": round(time.perf_counter() - started, 2),
+        "fidelity": fidelity,
+        "calibration_prompts": prompts,
+        "caching": routing.model_dump(
+            include={"enabled", "delta", "shallow_delta", "estimated_cost"}
+        ),
+    }
+    return fragment, unet, extra
+
+
+def gate_seconds(pipe: Any, fragment_pipe: Any, prompt: str, seeds: list[int], gen: Any) -> float:
+    """Seconds of the chain's gate on ``seeds``: full model, fragment, then the metrics."""
+    from fragjobs.generation import generate_images
+    from fragjobs.validation import compute_quality
+
+    started = time.perf_counter()
+    full = generate_images(pipe, prompt, seeds, gen)
+    images = generate_images(fragment_pipe, prompt, seeds, gen)
+    compute_quality(full, images, prompt)
+    return time.perf_counter() - started
