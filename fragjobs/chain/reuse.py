@@ -24,10 +24,14 @@ def measure_reuse(
     *,
     seeds: list[int] | tuple[int, ...] = DEFAULT_VALIDATION_SEEDS[:2],
     ws: Workspace | None = None,
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     """Gate the fragment on paraphrases of its prompt: full vs fragment, same seeds.
 
     Returns ``{"pass_rate", "n", "rows"}`` and records it in the manifest's ``reuse`` layer.
+    ``prompt``: the prompt the paraphrases are of, when it is not the fragment's own (the
+    base's model-level fragment used for it): then nothing is recorded in the manifest,
+    which is shared by every prompt that uses it.
     """
     ws = ws or workspace()
     if not paraphrases:
@@ -41,6 +45,8 @@ def measure_reuse(
     gen = generation_config(manifest, batch_size=len(seeds))
     thresholds = load_thresholds(ws.settings.thresholds_path)
     own = torch.tensor(manifest.reuse.prompt_embedding or [])
+    if prompt is not None:
+        own = prompt_embedding(loaded.pipe, prompt)
     rows = []
     for text in texts:
         full = generate_images(loaded.pipe, text, seeds, gen)
@@ -59,6 +65,7 @@ def measure_reuse(
             }
         )
     pass_rate = round(sum(r["passed"] for r in rows) / len(rows), 6)
-    reuse = manifest.reuse.model_copy(update={"pass_rate": pass_rate, "paraphrases": rows})
-    update_manifest(ws, key, {"reuse": reuse})
+    if prompt is None:
+        reuse = manifest.reuse.model_copy(update={"pass_rate": pass_rate, "paraphrases": rows})
+        update_manifest(ws, key, {"reuse": reuse})
     return {"pass_rate": pass_rate, "n": len(rows), "rows": rows}

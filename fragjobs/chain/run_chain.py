@@ -207,7 +207,9 @@ def run(
     reuse = None
     if paraphrases:
         with _working(f"reuse: gate on {len(paraphrases)} paraphrase(s)", progress):
-            reuse = measure_reuse(key, paraphrases, ws=ws)
+            reuse = measure_reuse(
+                key, paraphrases, ws=ws, prompt=prompt.strip() if prof is None else None
+            )
     row = ws.catalog.get_fragment(key)
     manifest = read_manifest(ws, row)
 

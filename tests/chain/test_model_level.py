@@ -66,9 +66,14 @@ def _model_level_rows(ws):
 
 def test_a_prompt_the_model_level_fragment_passes_is_not_profiled(ws, tmp_path, gate):
     gate(passing=True)
-    report = _run(ws, tmp_path, "a red circle on the left")
+    report = _run(ws, tmp_path, "a red circle on the left", paraphrases=["a red disc on the left"])
     summary = report.summary
     level = summary["model_level"]
+    # reuse (H3) is measured for this prompt, and not written into the shared manifest
+    assert summary["hypotheses"]["H3"]["values"]["pass_rate"] is not None
+    from fragjobs.chain.stored import read_manifest
+
+    assert read_manifest(ws, ws.catalog.get_fragment(report.key)).reuse.paraphrases == []
     assert level["used"] and level["key"] == report.key and level["built_s"] > 0
     assert len(level["calibration_prompts"]) == CALIBRATION_PROMPTS
     [row] = _model_level_rows(ws)
