@@ -43,14 +43,19 @@ from fragjobs.chain.knobs import ChainKnobs
 from fragjobs.chain.locks import write_lock
 from fragjobs.chain.profile_step import profile, profile_id_of
 from fragjobs.chain.stored import read_manifest
-from fragjobs.chain.validate_step import gate_reason, generation_config, quality, validate
+from fragjobs.chain.validate_step import (
+    gate_reason,
+    generation_config,
+    judge,
+    quality,
+    validate,
+)
 from fragjobs.chain.workspaces import Workspace
 from fragjobs.extraction.shared_schedule import extract_model_level_fragment
 from fragjobs.generation import generate_images, with_unet
 from fragjobs.keys import make_fragment_key, normalise_prompt, params_hash
-from fragjobs.manifest import QualityLayer
 from fragjobs.profiling import ProfileConfig
-from fragjobs.validation import evaluate_gate, load_thresholds
+from fragjobs.validation import load_thresholds
 
 log = logging.getLogger("fragjobs")
 
@@ -230,13 +235,7 @@ def gate_for_prompt(
         desc="gate: model-level fragment",
     )
     metrics = quality(ws, loaded, full, frag, prompt)
-    gate = evaluate_gate(metrics, thresholds, seeds)
-    layer = QualityLayer(
-        seeds=seeds,
-        metrics=metrics.model_dump(mode="json"),
-        gate=gate.model_dump(mode="json"),
-        thresholds=thresholds.model_dump(mode="json"),
-    )
+    gate, layer = judge(metrics, thresholds, seeds)
     ws.catalog.add_validation(
         key, {"prompt": prompt.strip(), **layer.model_dump(mode="json")}, gate.passed
     )

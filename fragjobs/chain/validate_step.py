@@ -118,13 +118,7 @@ def validate(
             f"reference images are {tuple(full.shape)}, the fragment's {tuple(frag.shape)}"
         )
     metrics = quality(ws, loaded, full, frag, manifest.profiling.prompt)
-    gate = evaluate_gate(metrics, thresholds, seeds)
-    layer = QualityLayer(
-        seeds=seeds,
-        metrics=metrics.model_dump(mode="json"),
-        gate=gate.model_dump(mode="json"),
-        thresholds=thresholds.model_dump(mode="json"),
-    )
+    gate, layer = judge(metrics, thresholds, seeds)
     manifest = update_manifest(ws, key, {"quality": layer, "verified": gate.passed})
     ws.catalog.add_validation(key, layer.model_dump(mode="json"), gate.passed)
     ws.catalog.set_fragment_status(
@@ -146,6 +140,18 @@ def validate(
         elapsed_s=time.perf_counter() - started,
         full_generated_seeds=generated,
     )
+
+
+def judge(metrics: Any, thresholds: Any, seeds: list[int]) -> tuple[Any, QualityLayer]:
+    """The gate's verdict on ``metrics`` and the manifest's ``quality`` layer recording it."""
+    gate = evaluate_gate(metrics, thresholds, seeds)
+    layer = QualityLayer(
+        seeds=seeds,
+        metrics=metrics.model_dump(mode="json"),
+        gate=gate.model_dump(mode="json"),
+        thresholds=thresholds.model_dump(mode="json"),
+    )
+    return gate, layer
 
 
 def fragment_base(ws: Workspace, key: str) -> LoadedBase:
