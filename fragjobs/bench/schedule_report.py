@@ -76,9 +76,12 @@ def reading(ablation: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append(
-            "Conclusion: the prompt's own schedule is measurably better than a model-level one "
-            f"(by more than {SAME_SSIM} SSIM, mean or worst seed, at every target): keep "
-            "per-prompt schedules."
+            "Conclusion: at equal estimated cost the prompt's own schedule is measurably "
+            f"better than a model-level one (by more than {SAME_SSIM} SSIM, mean or worst "
+            "seed, at every target). The chain's model-level fragment is not one of these "
+            "equal-cost points: it keeps the fidelity on every calibration prompt (so it costs "
+            "more), and each prompt's gate decides whether it is used; a prompt it fails "
+            "extracts its own." + estimate
         )
     return lines
 
