@@ -12,6 +12,7 @@ import dataclasses
 from fragjobs.errors import InvalidInputError
 
 TECHNIQUES = ("heads", "low_rank", "int8", "caching", "all")
+MODEL_LEVEL = "model_level"
 SWITCHES = {"noforecast": "forecast", "nocfg": "cfg_reuse", "noprobe": "probe"}
 
 
@@ -71,15 +72,32 @@ def is_fragment_method(name: str) -> bool:
     return set(technique.split("+")) <= set(TECHNIQUES) | set(SWITCHES)
 
 
+def is_model_level(name: str) -> bool:
+    """Whether ``name`` is ``model_level`` or ``model_level@<fidelity>`` (the base's
+    model-level fragment: :mod:`fragjobs.bench.model_level_row`)."""
+    return name.partition("@")[0] == MODEL_LEVEL
+
+
+def method_fidelity(name: str, fidelity: float) -> float:
+    """The fidelity of method ``name``: its ``@`` knob, else ``fidelity``.
+
+    Raises:
+        InvalidInputError: a knob that is not a number.
+    """
+    knob = name.partition("@")[2]
+    try:
+        return float(knob or fidelity)
+    except ValueError:
+        raise InvalidInputError(f"method {name!r}: {knob!r} is not a fidelity") from None
+
+
 def check_methods(methods: tuple[str, ...], threshold: float, fidelity: float) -> None:
     """Refuse an unknown method before any work (one line, nothing written)."""
     for name in methods:
-        if is_fragment_method(name):
-            knob = name.partition("@")[2]
-            try:
-                float(knob or fidelity)
-            except ValueError:
-                raise InvalidInputError(f"method {name!r}: {knob!r} is not a fidelity") from None
+        if is_model_level(name):
+            method_fidelity(name, fidelity)
+        elif is_fragment_method(name):
+            method_fidelity(name, fidelity)
             extraction_config(name.partition("@")[0], threshold, fidelity)
         else:
             from fragjobs.bench.peers import parse_peer

@@ -21,23 +21,8 @@ from typing import Any
 from fragjobs.bench.methods import extraction_config
 from fragjobs.errors import InvalidInputError
 
-METHOD = "model_level"
 GATE_SEEDS = 4
 """Validation seeds of the chain's gate (``DEFAULT_VALIDATION_SEEDS``)."""
-
-
-def is_model_level(name: str) -> bool:
-    """Whether ``name`` is ``model_level`` or ``model_level@<fidelity>``."""
-    return name.partition("@")[0] == METHOD
-
-
-def check(name: str, fidelity: float) -> float:
-    """The fidelity of ``name`` (its ``@`` knob, else ``fidelity``)."""
-    knob = name.partition("@")[2]
-    try:
-        return float(knob or fidelity)
-    except ValueError:
-        raise InvalidInputError(f"method {name!r}: {knob!r} is not a fidelity") from None
 
 
 def build(pipe: Any, info: Any, profile_config: Any, fidelity: float) -> tuple[Any, Any, dict]:

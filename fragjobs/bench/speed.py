@@ -70,6 +70,8 @@ from fragjobs.bench.methods import (
     check_methods,
     extraction_config,
     is_fragment_method,
+    is_model_level,
+    method_fidelity,
 )
 from fragjobs.bench.peers import (
     NEEDS_CALIBRATION,
@@ -122,12 +124,7 @@ def bench_model(
     from fragjobs.profiling import ProfileConfig, profile_prompt
     from fragjobs.validation import compute_quality
 
-    check_methods(
-        tuple(m for m in methods if not model_level_row.is_model_level(m)), threshold, fidelity
-    )
-    for name in methods:
-        if model_level_row.is_model_level(name):
-            model_level_row.check(name, fidelity)
+    check_methods(methods, threshold, fidelity)
     loaded, gen = load_for_bench(model, size=size, steps=steps, batch_size=batch_size)
     pipe, info = loaded.pipe, loaded.info
     height, width, steps = gen.height, gen.width, gen.steps
@@ -184,13 +181,13 @@ def bench_model(
 
     add("full", lambda: contextlib.nullcontext(pipe), full_bytes, {})
     for name in methods:
-        technique, _, knob = name.partition("@")
-        if (is_fragment_method(name) or model_level_row.is_model_level(name)) and no_room:
+        technique = name.partition("@")[0]
+        if (is_fragment_method(name) or is_model_level(name)) and no_room:
             rows.append({"method": name, "unavailable": no_room})
-        elif model_level_row.is_model_level(name):
+        elif is_model_level(name):
             try:
                 fragment, unet, extra = model_level_row.build(
-                    pipe, info, profile_config, model_level_row.check(name, fidelity)
+                    pipe, info, profile_config, method_fidelity(name, fidelity)
                 )
             except InvalidInputError as exc:
                 rows.append({"method": name, "unavailable": str(exc)})
@@ -213,13 +210,13 @@ def bench_model(
                 pipe,
                 info,
                 prof,
-                extraction_config(technique, threshold, float(knob) if knob else fidelity),
+                extraction_config(technique, threshold, method_fidelity(name, fidelity)),
                 profile_id="bench",
             )
             m = fragment.manifest
             extra = {
                 "extract_s": round(time.perf_counter() - t0, 2),
-                "fidelity": float(knob) if knob else fidelity,
+                "fidelity": method_fidelity(name, fidelity),
                 "heads_kept": f"{m.pruning.heads_kept}/{m.pruning.heads_total}",
                 "caching": m.dynamic_routing.model_dump(
                     include={"enabled", "delta", "shallow_delta", "estimated_cost"}
@@ -309,7 +306,8 @@ def _speedups_and_break_even(
 
     ``delivered``: the full-model images the chain computed anyway (profiling and evaluation
     seeds), credited by the delivered definition. ``profile_s`` is ``None`` only when no
-    fragment was extracted.
+    fragment was extracted. The model-level fragment's row (``build_s``) counts only its
+    per-prompt gate, beyond the gate's own full-model images.
     """
     full_s = rows[0]["latency_ms"] / 1000
     for row in rows:
@@ -317,18 +315,16 @@ def _speedups_and_break_even(
             row["speedup"] = round(rows[0]["latency_ms"] / row["latency_ms"], 3)
         if "extract_s" in row:
             overhead = profile_s + row["extract_s"] + row["validate_s"]
-            fragment_s = row["latency_ms"] / 1000
-            old = break_even_old(overhead, full_s, fragment_s)
-            new = break_even_delivered(overhead, delivered, full_s, fragment_s)
-            row["break_even_old"] = None if old is None else round(old, 1)
-            row["break_even_delivered"] = None if new is None else round(new, 1)
-        if "build_s" in row and "latency_ms" in row:  # the model-level fragment: its gate
-            fragment_s = row["latency_ms"] / 1000
-            gate = model_level_row.GATE_SEEDS
-            old = break_even_old(row["gate_s"], full_s, fragment_s)
-            new = break_even_delivered(row["gate_s"], gate, full_s, fragment_s)
-            row["break_even_old"] = None if old is None else round(old, 1)
-            row["break_even_delivered"] = None if new is None else round(new, 1)
+            credited = delivered
+        elif "build_s" in row and "latency_ms" in row:
+            overhead, credited = row["gate_s"], model_level_row.GATE_SEEDS
+        else:
+            continue
+        fragment_s = row["latency_ms"] / 1000
+        old = break_even_old(overhead, full_s, fragment_s)
+        new = break_even_delivered(overhead, credited, full_s, fragment_s)
+        row["break_even_old"] = None if old is None else round(old, 1)
+        row["break_even_delivered"] = None if new is None else round(new, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

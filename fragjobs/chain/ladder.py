@@ -18,7 +18,7 @@ from typing import Any
 
 from fragjobs.chain.extract_step import ExtractResult, extract
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS, head_guard
-from fragjobs.chain.validate_step import ValidationResult, gate_reason, validate
+from fragjobs.chain.validate_step import ValidationResult, gate_figures, gate_reason, validate
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.extraction import ExtractionConfig, HeadSelectionConfig
 from fragjobs.manifest import FragmentManifest
@@ -71,10 +71,7 @@ def extract_and_validate(
                 "heads_total": pruning.heads_total,
                 "caching_min_ssim": routing.min_ssim if routing.enabled else None,
                 "passed": val.passed,
-                "ssim": val.metrics.ssim,
-                "ssim_worst": min(val.metrics.ssim_per_image),
-                "colour_delta_e_worst": max(val.metrics.colour_delta_e_per_image),
-                "clip_delta": val.metrics.clip_delta,
+                **gate_figures(val.metrics),
                 "gate_reason": None if val.passed else gate_reason(val.gate),
                 "extract_s": round(extracted - started, 4),
                 "validate_s": round(time.perf_counter() - extracted, 4),

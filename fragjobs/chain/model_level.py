@@ -41,9 +41,10 @@ from fragjobs.chain.fragments import warm_fragment_unet
 from fragjobs.chain.full_images import FullImageSpec, full_model_images
 from fragjobs.chain.knobs import ChainKnobs
 from fragjobs.chain.locks import write_lock
-from fragjobs.chain.profile_step import profile, profile_id_of
+from fragjobs.chain.profile_step import profile, profile_config_of, profile_id_of
 from fragjobs.chain.stored import read_manifest
 from fragjobs.chain.validate_step import (
+    gate_figures,
     gate_reason,
     generation_config,
     judge,
@@ -54,7 +55,6 @@ from fragjobs.chain.workspaces import Workspace
 from fragjobs.extraction.shared_schedule import extract_model_level_fragment
 from fragjobs.generation import generate_images, with_unet
 from fragjobs.keys import make_fragment_key, normalise_prompt, params_hash
-from fragjobs.profiling import ProfileConfig
 from fragjobs.validation import load_thresholds
 
 log = logging.getLogger("fragjobs")
@@ -215,7 +215,8 @@ def gate_for_prompt(
     manifest, unet = warm_fragment_unet(ws, loaded, row)
     seeds = list(knobs.validation_seeds)
     gen = generation_config(manifest, batch_size=len(seeds))
-    kept_id = profile_id_of(loaded.info, prompt, _profile_config(knobs, loaded))
+    own = profile_config_of(loaded.info, knobs.profile_seeds, knobs.steps)
+    kept_id = profile_id_of(loaded.info, prompt, own)  # the prompt's own chain's profile id
     full, _ = full_model_images(
         ws,
         loaded.pipe,
@@ -254,19 +255,6 @@ def gate_for_prompt(
     )
 
 
-def _profile_config(knobs: ChainKnobs, loaded: LoadedBase) -> ProfileConfig:
-    """The profile settings the prompt's own chain would use (:func:`profile`)."""
-    info = loaded.info
-    return ProfileConfig(
-        seeds=tuple(knobs.profile_seeds),
-        steps=knobs.steps or info.default_steps,
-        step_stride=2,
-        guidance_scale=info.default_guidance,
-        height=info.height,
-        width=info.width,
-    )
-
-
 def _settings_signature(knobs: ChainKnobs, loaded: LoadedBase) -> dict[str, Any]:
     """What a model-level fragment must share with the run to be used for it."""
     config = knobs.extraction_config()
@@ -298,7 +286,7 @@ def _existing(ws: Workspace, base_model_id: int, wanted: dict[str, Any]) -> Mode
             if not routing.enabled:
                 return ModelLevel(None, f"model-level fragment {row.key}: {routing.reason}")
             return ModelLevel(row.key, None, 0.0, prompts)
-        if row.status in ("failed_gate",):
+        if row.status == "failed_gate":
             return ModelLevel(
                 None,
                 f"model-level fragment {row.key} is {row.status}"
@@ -318,27 +306,20 @@ class SharedAttempt:
 
     @property
     def row(self) -> dict[str, Any]:
-        """The attempt's row in the report (the fields of the gate ladder's rows)."""
+        """The attempt's row in the report (the fields of the gate ladder's rows); only for
+        a fragment that was gated on the prompt (``gate`` set)."""
         gate = self.gate
-        metrics = None if gate is None else gate.metrics
         return {
             "key": self.level.key,
             "model_level": True,
             "heads_kept": None,
             "heads_total": None,
             "caching_min_ssim": None,
-            "passed": bool(gate is not None and gate.passed),
-            "ssim": None if metrics is None else metrics.ssim,
-            "ssim_worst": None if metrics is None else min(metrics.ssim_per_image),
-            "colour_delta_e_worst": (
-                None
-                if metrics is None or not metrics.colour_delta_e_per_image
-                else max(metrics.colour_delta_e_per_image)
-            ),
-            "clip_delta": None if metrics is None else metrics.clip_delta,
-            "gate_reason": self.level.reason if gate is None else gate.reason,
+            "passed": gate.passed,
+            **gate_figures(gate.metrics),
+            "gate_reason": gate.reason,
             "extract_s": round(self.level.built_s, 4),
-            "validate_s": 0.0 if gate is None else round(gate.elapsed_s, 4),
+            "validate_s": round(gate.elapsed_s, 4),
         }
 
     def to_json(self, used_key: str) -> dict[str, Any]:

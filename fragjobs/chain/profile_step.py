@@ -68,14 +68,7 @@ def profile(
     note = truncation_note(loaded.pipe, prompt)
     if note is not None:
         log.warning("%s", note)
-    config = ProfileConfig(
-        seeds=tuple(check_seeds(list(seeds))),
-        steps=steps if steps is not None else info.default_steps,
-        step_stride=step_stride,
-        guidance_scale=info.default_guidance if guidance_scale is None else guidance_scale,
-        height=info.height,
-        width=info.width,
-    )
+    config = profile_config_of(info, seeds, steps, step_stride, guidance_scale)
     profile_id = profile_id_of(info, prompt, config)
     base_row = ws.catalog.get_or_create_base_model(info.name, info.sha256, info.source)
     with write_lock(ws, f"profile:{profile_id}"):
@@ -93,6 +86,25 @@ def profile(
         result = profile_prompt(loaded.pipe, prompt, config, progress=progress)
         stats, doc = _store_profile(ws, profile_id, base_row.id, result, config)
     return ProfileResult(profile_id, base_row.id, stats.uri, doc.uri, result, reused=False)
+
+
+def profile_config_of(
+    info: BaseModelInfo,
+    seeds: list[int] | tuple[int, ...],
+    steps: int | None = None,
+    step_stride: int = 2,
+    guidance_scale: float | None = None,
+) -> ProfileConfig:
+    """The profile settings :func:`profile` uses on the base ``info`` (``None``: the base's
+    default steps and guidance)."""
+    return ProfileConfig(
+        seeds=tuple(check_seeds(list(seeds))),
+        steps=steps if steps is not None else info.default_steps,
+        step_stride=step_stride,
+        guidance_scale=info.default_guidance if guidance_scale is None else guidance_scale,
+        height=info.height,
+        width=info.width,
+    )
 
 
 def profile_id_of(info: BaseModelInfo, prompt: str, config: ProfileConfig) -> str:

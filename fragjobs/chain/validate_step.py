@@ -154,6 +154,18 @@ def judge(metrics: Any, thresholds: Any, seeds: list[int]) -> tuple[Any, Quality
     return gate, layer
 
 
+def gate_figures(metrics: Any) -> dict[str, Any]:
+    """The figures a gate-ladder row shows of a validation's metrics: mean SSIM, the worst
+    seed's SSIM and colour difference (None when it was not computed), CLIP delta."""
+    colour = metrics.colour_delta_e_per_image
+    return {
+        "ssim": metrics.ssim,
+        "ssim_worst": min(metrics.ssim_per_image),
+        "colour_delta_e_worst": max(colour) if colour else None,
+        "clip_delta": metrics.clip_delta,
+    }
+
+
 def fragment_base(ws: Workspace, key: str) -> LoadedBase:
     """The fragment's base, loaded from where the catalog says it came from."""
     row = ws.catalog.get_fragment(key)

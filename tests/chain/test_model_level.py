@@ -17,7 +17,7 @@ from fragjobs.chain.model_level import (
     calibration_prompts,
     model_level_fragment,
 )
-from fragjobs.chain.profile_step import profile_id_of
+from fragjobs.chain.profile_step import profile_config_of, profile_id_of
 from fragjobs.errors import InvalidInputError
 from fragjobs.extraction import BlockCachingConfig
 from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
@@ -83,10 +83,8 @@ def test_a_prompt_the_model_level_fragment_passes_is_not_profiled(ws, tmp_path, 
     assert lineage["profile_id"] == row.params["model_level"]["profile_ids"][0]
     # the prompt itself was never profiled: no profile row, no per-prompt fragment
     loaded = chain.base(MODEL, ws.settings)
-    knobs = ChainKnobs.from_settings(ws.settings, **SMALL)
-    from fragjobs.chain.model_level import _profile_config
-
-    own_id = profile_id_of(loaded.info, "a red circle on the left", _profile_config(knobs, loaded))
+    own = profile_config_of(loaded.info, SMALL["profile_seeds"], SMALL["steps"])
+    own_id = profile_id_of(loaded.info, "a red circle on the left", own)
     assert ws.catalog.find_profile(own_id) is None
     assert not (report.out_dir / "profiling_raw.parquet").exists()
     assert any("was not profiled" in n for n in _notes(report))
