@@ -28,7 +28,7 @@ from fragjobs import chain
 from fragjobs.bench import schedule_report
 from fragjobs.bench.schedule_ablation import schedule_ablation_document
 from fragjobs.chain.knobs import ChainKnobs
-from fragjobs.chain.model_level import model_level_fragment
+from fragjobs.chain.model_level import builtin_calibration_prompts, model_level_fragment
 from fragjobs.extraction import HeadPruningConfig, apply_head_pruning_
 from fragjobs.families import denoiser
 from fragjobs.generation import GenerationConfig, generate_images, with_unet
@@ -49,6 +49,32 @@ PROMPTS = (
     "a green triangle on the right",
 )
 ABLATION_SEEDS = (1000, 1001, 1002, 1003)
+
+
+def fresh_prompts(seed: int, n: int = len(PROMPTS)) -> tuple[str, ...]:
+    """``n`` other prompts of the shapes vocabulary, drawn with ``seed``: one shape each, its
+    size word and the background phrase each named with probability ½ (the forms of
+    :data:`PROMPTS`), none of them a prompt of this page or a model-level calibration prompt
+    (so nothing was tuned on them)."""
+    import random
+
+    from fragjobs.builtin.scenes import plain_caption, sample_specs
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    seen = set(PROMPTS) | set(builtin_calibration_prompts())
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    while len(out) < n:
+        for spec in sample_specs(4 * n, generator, held_out=None, jitter=False):
+            text = plain_caption(spec, size=rng.random() < 0.5, background=rng.random() < 0.5)
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+            if len(out) == n:
+                break
+    return tuple(out)
 
 
 def paraphrases_of(prompt: str) -> list[str]:
@@ -152,6 +178,7 @@ def build_results(
     prompts: tuple[str, ...] = PROMPTS,
     variants: int = 4,
     keep_ratio: float = 0.72,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run every prompt and the ablation; write results.md/json and images under ``out``."""
     ws = chain.workspace()
@@ -209,7 +236,7 @@ def build_results(
     results = {
         "model": model,
         "machine": f"{platform.machine()}, torch {torch.__version__}",
-        "command": f"fragjobs results --out {out}",
+        "command": command or f"fragjobs results --out {out}",
         "runs": runs,
         "model_level": model_level,
         "ablation": rows,

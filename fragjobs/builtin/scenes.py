@@ -586,6 +586,18 @@ def canonical_caption(spec: SceneSpec) -> str:
     return ", ".join(parts) + f", {spec.background} background"
 
 
+def plain_caption(spec: SceneSpec, *, size: bool = True, background: bool = True) -> str:
+    """A one-shape scene as a user writes it: the canonical words in the first template, with
+    the size word and the background phrase each named or left out.
+
+    Example: ``"a small red circle on the left on a grey background"``; without both:
+    ``"a red circle on the left"``.
+    """
+    if len(spec.objects) != 1:
+        raise ValueError(f"plain_caption takes a one-shape scene, got {len(spec.objects)} shapes")
+    return _fill(SINGLE_TEMPLATES[0], spec, _first, [size], background)
+
+
 def caption(
     spec: SceneSpec,
     rng: random.Random,

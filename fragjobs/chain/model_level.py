@@ -68,6 +68,11 @@ MIN_CALIBRATION_PROMPTS = 3
 CALIBRATION_SEED = 20_261_203
 """Draws the built-ins' calibration scenes (any fixed seed: none is tuned)."""
 
+CALIBRATION_RULE = 2
+"""How calibration prompts are chosen (2: the forms users write, with and without size and
+background); part of the settings a model-level fragment is found by, so a fragment of an
+older rule is built again rather than used."""
+
 
 @dataclass
 class ModelLevel:
@@ -117,14 +122,24 @@ def calibration_prompts(ws: Workspace, loaded: LoadedBase, base_model_id: int) -
 
 def builtin_calibration_prompts() -> list[str]:
     """Captions of :data:`CALIBRATION_PROMPTS` scenes of the shapes vocabulary, drawn with
-    :data:`CALIBRATION_SEED` (the same on every call)."""
-    from fragjobs.builtin.scenes import canonical_caption, sample_specs
+    :data:`CALIBRATION_SEED` (the same on every call), in the forms users write them: the
+    background phrase is named in every other caption and the size word in two of every four
+    (a prompt without them leaves the model to choose, so its seeds vary more and the shared
+    schedule must hold on them too)."""
+    from fragjobs.builtin.scenes import plain_caption, sample_specs
 
     generator = torch.Generator().manual_seed(CALIBRATION_SEED)
     specs = sample_specs(4 * CALIBRATION_PROMPTS, generator, held_out=None, jitter=False)
-    captions = [canonical_caption(s) for s in specs]
-    random.Random(CALIBRATION_SEED).shuffle(captions)
-    return list(dict.fromkeys(captions))[:CALIBRATION_PROMPTS]
+    random.Random(CALIBRATION_SEED).shuffle(specs)
+    captions: list[str] = []
+    for spec in specs:
+        i = len(captions)
+        text = plain_caption(spec, size=i % 4 < 2, background=i % 2 == 0)
+        if text not in captions:
+            captions.append(text)
+        if len(captions) == CALIBRATION_PROMPTS:
+            break
+    return captions
 
 
 def model_level_fragment(ws: Workspace, knobs: ChainKnobs, *, progress: bool = False) -> ModelLevel:
@@ -264,6 +279,7 @@ def _settings_signature(knobs: ChainKnobs, loaded: LoadedBase) -> dict[str, Any]
         "low_rank": asdict(config.low_rank) if config.low_rank else None,
         "steps": knobs.steps or loaded.info.default_steps,
         "profile_seeds": list(knobs.profile_seeds),
+        "calibration": CALIBRATION_RULE,
     }
     return json.loads(json.dumps(signature))  # as the catalog gives it back (lists, not tuples)
 

@@ -238,17 +238,32 @@ def eval_model(seeds, steps, limit, json_out):
 @click.command()
 @click.option("--out", "out_dir", default="docs", show_default=True, type=click.Path())
 @click.option("--model", default="shapes", show_default=True)
+@click.option(
+    "--prompts-seed",
+    type=int,
+    default=None,
+    help="Run 10 other prompts of the shapes vocabulary, drawn with this seed, instead of "
+    "the page's own (none of the page's constants was tuned on them).",
+)
 @fail_cleanly
-def results(out_dir, model):
+def results(out_dir, model, prompts_seed):
     """Write the results page (H1–H5 over 10 prompts + profile ablation) to OUT.
 
     Writes OUT/results.md, OUT/results.html (the same report builder as `fragjobs run`:
     one report folder per prompt under OUT/results/, with trend plots) and OUT/results.json.
     """
     out = check_out_dir(Path(out_dir))
-    from fragjobs.bench.results import build_results
+    from fragjobs.bench.results import PROMPTS, build_results, fresh_prompts
 
-    build_results(out, model=model)
+    fresh = prompts_seed is not None
+    build_results(
+        out,
+        model=model,
+        prompts=fresh_prompts(prompts_seed) if fresh else PROMPTS,
+        command=f"fragjobs results --out {out_dir} --prompts-seed {prompts_seed}"
+        if fresh
+        else None,
+    )
     click.echo(f"written {(out / 'results.md').resolve()}")
     click.echo(f"open:   {(out / 'results.html').resolve()}")
 

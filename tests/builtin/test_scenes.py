@@ -141,6 +141,18 @@ def test_paraphrases_differ_in_text_but_share_attributes():
     assert texts == scenes.paraphrases(spec)
 
 
+def test_plain_caption_names_size_and_background_only_when_asked():
+    spec = _spec(shape="star", colour="red", size="large", position="left", background="grey")
+    assert scenes.plain_caption(spec) == "a large red star on the left on a grey background"
+    assert scenes.plain_caption(spec, size=False, background=False) == "a red star on the left"
+    two = SceneSpec(
+        "white",
+        (ShapeSpec("star", "red", "small", "left"), ShapeSpec("cross", "blue", "small", "right")),
+    )
+    with pytest.raises(ValueError, match="one-shape"):
+        scenes.plain_caption(two)
+
+
 def test_two_shape_captions_stay_short_and_complete():
     spec = SceneSpec(
         "white",
