@@ -98,6 +98,7 @@ def generate(
                 done, total, job_id=job_id, worker=self.request.hostname
             ),
         )
+    self.drop_if_completed(result)
     advertise_warm_fragments()
     advertise_warm_bases()
     return {**result, "worker": self.request.hostname}

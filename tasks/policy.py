@@ -6,16 +6,21 @@ with exponential backoff (2, 4, 8, ... s, at most 60 s between tries, jittered),
 restart of a minute is ridden out; a constraint violation or a missing row would fail the
 same way again and is not retried. Every delivery of a task is counted in the catalog
 (:meth:`ChainTask.guard_delivery`): a task that keeps killing its worker fails with the
-reason after ``FRAGJOBS_MAX_TASK_ATTEMPTS`` deliveries instead of looping.
+reason after ``FRAGJOBS_MAX_TASK_ATTEMPTS`` deliveries instead of looping. A redelivered
+copy of a generate batch that an earlier delivery of the same task finished is dropped
+(:meth:`ChainTask.drop_if_completed`): it completes once.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from celery import Task
+from celery import Task, states
+from celery.exceptions import Ignore
 from kombu.exceptions import OperationalError as BrokerOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -24,6 +29,11 @@ from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 
 from fragjobs.chain.jobs import DEFAULT_MAX_ATTEMPTS, guard_task_delivery
 from fragjobs.errors import CatalogError, StorageUnavailableError
+
+log = logging.getLogger("fragjobs.tasks")
+
+FIRST_RESULT_WAIT_S = 30.0
+"""How long a redelivered copy of a finished job waits for the first copy's stored result."""
 
 
 class TransientError(Exception):
@@ -88,6 +98,32 @@ class ChainTask(Task):
         """
         if self.request.id is not None:
             guard_task_delivery(ws, self.request.id, self.name, self.attempt_limit())
+
+    def drop_if_completed(self, result: dict[str, Any]) -> None:
+        """Raise :class:`~celery.exceptions.Ignore` when ``result`` is a redelivered copy's
+        (``redelivered``: an earlier delivery finished the job) and that delivery's SUCCESS
+        is stored under this task id: the message is acknowledged and nothing is recorded
+        again, so the task completes once (no second result, event or callback).
+
+        Celery redelivers an ``acks_late`` message whose acknowledgement could not be made,
+        e.g. when the broker restarted while the batch ran; the copy may start while the
+        first still runs (it waits for the job's lock). The first copy stores its result
+        just after releasing the lock: this waits up to :data:`FIRST_RESULT_WAIT_S` for it.
+        If none comes (that worker died after finishing the job), this copy's result stands.
+        """
+        if not result.get("redelivered") or self.request.id is None:
+            return
+        deadline = time.monotonic() + (0 if self.request.is_eager else FIRST_RESULT_WAIT_S)
+        while self.AsyncResult(self.request.id).state != states.SUCCESS:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.5)
+        log.warning(
+            "dropped a redelivered copy of task %s: job %s completed with its first delivery",
+            self.request.id,
+            result.get("job_id"),
+        )
+        raise Ignore()
 
     def attempt_limit(self) -> int:
         """Deliveries allowed now: ``FRAGJOBS_MAX_TASK_ATTEMPTS`` plus this task's retries."""

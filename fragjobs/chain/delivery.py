@@ -196,6 +196,8 @@ def generate_message(
     None uses the prompt's ready fragment if there is one. An unusable fragment falls back to
     the full model (``used_fallback``, ``fallback_reason``). A job delivered more than
     ``max_attempts`` times is marked failed with the reason (``error``) and not run again.
+    A delivery that finds the job finished by an earlier one (a copy redelivered while or
+    after it ran) writes nothing and returns the job's result with ``redelivered`` True.
     ``reuse_full_model``: seeds whose full-model image the chain kept in the store (the
     fragment's profiling and validation seeds) are delivered from it, not generated.
 
@@ -211,19 +213,22 @@ def generate_message(
     normalise_prompt(prompt)
     validate_key(job_id)
     attempts = count_delivery(ws, job_id, prompt, seeds, model)
-    reason = give_up_if_poison(ws, job_id, attempts, max_attempts)
-    if reason is not None:
-        log.error(reason)
-        kept = [image.uri for image in ws.catalog.list_images(job_id)]
-        return _generation(job_id, seeds, kept, None, False, None, error=reason)
-    if key is not None and ws.catalog.find_fragment(key) is None:
-        log.warning("fragment %s named upstream is gone: using the prompt's own lookup", key)
-        key = None
-    warm_before = set(warm_fragment_keys())
-    cache = warm_cache(ws)
-    counters = _cache_counters(cache)
-    # A redelivered copy of a batch still running elsewhere waits, then keeps its images.
+    # A redelivered copy of a batch still running elsewhere waits for it here.
     with write_lock(ws, f"job:{job_id}"):
+        finished = _finished_job(ws, job_id, seeds)
+        if finished is not None:
+            return finished
+        reason = give_up_if_poison(ws, job_id, attempts, max_attempts)
+        if reason is not None:
+            log.error(reason)
+            kept = [image.uri for image in ws.catalog.list_images(job_id)]
+            return _generation(job_id, seeds, kept, None, False, None, error=reason)
+        if key is not None and ws.catalog.find_fragment(key) is None:
+            log.warning("fragment %s named upstream is gone: using the prompt's own lookup", key)
+            key = None
+        warm_before = set(warm_fragment_keys())
+        cache = warm_cache(ws)
+        counters = _cache_counters(cache)
         result = generate(
             prompt,
             seeds=seeds,
@@ -257,6 +262,35 @@ def generate_message(
         "fragment_source": source,
         "warm_cache": fetched,
         "memory": result.metrics,
+        "redelivered": False,
+    }
+
+
+def _finished_job(ws: Workspace, job_id: str, seeds: list[int]) -> dict[str, Any] | None:
+    """The result of job ``job_id`` if an earlier delivery finished it (row ``done``, an
+    image of every seed), as that delivery returned it but with ``redelivered`` True; else
+    None. Nothing is written: the row (``finished_at`` included) stays as it was."""
+    row = ws.catalog.get_job(job_id)
+    images = {image.seed: image.uri for image in ws.catalog.list_images(job_id)}
+    if row.status != "done" or any(seed not in images for seed in seeds):
+        return None
+    log.warning("job %s was finished by an earlier delivery: nothing to do", job_id)
+    metrics = row.metrics or {}
+    return {
+        **_generation(
+            job_id,
+            seeds,
+            [images[seed] for seed in seeds],
+            row.fragment_key,
+            row.used_fallback,
+            row.fallback_reason,
+        ),
+        "full_model_seeds": metrics.get("full_model_seeds", []),
+        "reused_full_model_seeds": metrics.get("reused_full_model_seeds", []),
+        "fragment_source": None,
+        "warm_cache": _cache_counters(None),
+        "memory": metrics,
+        "redelivered": True,
     }
 
 

@@ -114,7 +114,8 @@ def _settle(ctx: DrillContext, result: TrialResult, timeout: float) -> None:
 
     A finished job whose message is still unacknowledged (its acknowledgement was lost, say
     in a broker outage) will be handed out again after the visibility timeout: the trial
-    waits for that delivery and counts a second completion as a duplicate.
+    waits for that delivery (received again and acknowledged, or run to the end) and counts
+    a second completion as a duplicate.
     """
     farm = ctx.farm
     follow(result.jobs, timeout)
@@ -127,12 +128,17 @@ def _settle(ctx: DrillContext, result: TrialResult, timeout: float) -> None:
         stray &= farm.unacked_task_ids()
     if stray:
         result.notes.append(f"{len(stray)} finished task(s) left unacknowledged")
-        _, before = farm.task_runs()
+        received_before, before = farm.task_runs()
         deadline = time.monotonic() + farm.redelivery_s + STRAY_MARGIN_S
         while time.monotonic() < deadline:
-            _, succeeded = farm.task_runs()
-            if all(succeeded.get(t, 0) > before.get(t, 0) for t in stray):
-                break  # each was handed out again and ran to the end
+            received, succeeded = farm.task_runs()
+            unacked = farm.unacked_task_ids()
+            if all(
+                succeeded.get(t, 0) > before.get(t, 0)
+                or (received.get(t, 0) > received_before.get(t, 0) and t not in unacked)
+                for t in stray
+            ):
+                break  # each was handed out again and ran to the end, or was dropped
             time.sleep(2)
         left = stray & farm.unacked_task_ids()
         if left:

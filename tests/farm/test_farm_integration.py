@@ -16,7 +16,8 @@ alone):
    nothing; afterwards both hold it warm, and batches are routed to their own queues;
    ``fragjobs farm run`` shows a progress bar and prints the images;
 3. a worker's pool process is SIGKILLed in the middle of a generate: the job completes on the
-   other worker, with every image once;
+   other worker, with every image once; a copy of a running batch's message (as a broker
+   restart makes) and one of a finished batch's are dropped: the task succeeds once;
 4. a fragment object corrupted behind the store's back is marked corrupt by re-validation
    (``fragjobs.revalidate`` on a worker) and the next job falls back to the full model;
 5. Flower lists both workers and the finished tasks (names, arguments, progress) through its
@@ -414,6 +415,71 @@ def test_killed_worker_job_completes_on_the_other_worker(cluster):
     assert len({img.uri for img in images}) == len(seeds)
     for img in images:
         store.get_bytes(generation_object(batch.job_id, f"{img.seed}.png"), img.sha256)
+
+
+def test_a_copy_of_a_running_batch_completes_it_once(cluster):
+    """The same message delivered twice, as a broker restart does when a worker restores an
+    unacknowledged message while its batch runs: the copy (on the other node) waits for the
+    batch, is dropped, and the task succeeds once; a copy delivered after the job finished
+    (a lost acknowledgement) is dropped too. Rows, images and the stored result stay."""
+    farm, catalog = cluster.farm, cluster.farm.catalog
+    key = cluster.ready_key(PROMPT)
+    seeds = list(range(200, 212))
+    job = farm.submit(
+        PROMPT,
+        seeds=seeds,
+        model="tiny-sd",
+        batch_size=len(seeds),
+        pipeline_batch_size=2,
+        queue=OWN_QUEUES["nodeA"],
+    )
+    [batch] = job.batches
+    deadline = time.monotonic() + 60
+    while True:
+        state = farm.app.AsyncResult(batch.task_id)
+        if state.state == "PROGRESS" and state.info["step"] >= 2:
+            break
+        assert time.monotonic() < deadline, f"batch not started: {state.state}"
+        time.sleep(0.1)
+    message = {
+        "args": ({"key": key},),
+        "kwargs": {
+            "prompt": PROMPT,
+            "seeds": seeds,
+            "job_id": batch.job_id,
+            "model": "tiny-sd",
+            "batch_size": 2,
+        },
+        "task_id": batch.task_id,
+    }
+    farm.app.send_task("fragjobs.generate", queue=OWN_QUEUES["nodeB"], **message)
+    result = job.wait(timeout=90)
+    assert result.errors == [] and result.workers == [WORKERS["nodeA"]]
+    finished = catalog.get_job(batch.job_id)
+    _wait_for_drops(cluster, batch.task_id, 1)
+    farm.app.send_task("fragjobs.generate", queue=OWN_QUEUES["nodeA"], **message)
+    _wait_for_drops(cluster, batch.task_id, 2)
+
+    logs = "".join(cluster.processes.log_path(node).read_text() for node in NODES)
+    assert logs.count(f"fragjobs.generate[{batch.task_id}] succeeded") == 1
+    row = catalog.get_job(batch.job_id)
+    assert (row.status, row.attempts, row.finished_at) == ("done", 3, finished.finished_at)
+    assert [img.seed for img in catalog.list_images(batch.job_id)] == seeds  # every seed, once
+    stored = farm.app.AsyncResult(batch.task_id)
+    assert stored.state == "SUCCESS" and stored.result["worker"] == WORKERS["nodeA"]
+    assert not stored.result["redelivered"]
+
+
+def _wait_for_drops(cluster: Cluster, task_id: str, count: int) -> None:
+    """Wait until the nodes' logs say ``count`` copies of ``task_id`` were dropped."""
+    said = f"dropped a redelivered copy of task {task_id}"
+    deadline = time.monotonic() + 90
+    while True:
+        logs = "".join(cluster.processes.log_path(node).read_text() for node in NODES)
+        if logs.count(said) >= count:
+            return
+        assert time.monotonic() < deadline, f"{count} copies not dropped:\n{logs[-3000:]}"
+        time.sleep(0.5)
 
 
 def test_corrupt_object_is_marked_by_revalidation_and_generation_falls_back(cluster):

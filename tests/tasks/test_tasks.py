@@ -56,7 +56,7 @@ def tasks(settings):
         task.backend = None  # back to the app's backend
 
 
-def _generate(tasks, job_id, seeds=(0, 1), upstream=None, batch_size=1):
+def _generate(tasks, job_id, seeds=(0, 1), upstream=None, batch_size=1, task_id=None):
     return tasks.generate.apply(
         args=() if upstream is None else (upstream,),
         kwargs={
@@ -66,6 +66,7 @@ def _generate(tasks, job_id, seeds=(0, 1), upstream=None, batch_size=1):
             "model": "tiny-sd",
             "batch_size": batch_size,
         },
+        task_id=task_id,
     )
 
 
@@ -87,9 +88,20 @@ def test_generate_stores_images_reports_progress_and_is_idempotent(tasks, ws):
     assert meta["result"] == {"step": 2, "total": 2, "job_id": "job-a", "worker": out["worker"]}
 
     again = _generate(tasks, "job-a").get()  # a redelivery (acks_late): same job, same images
-    assert again["image_uris"] == out["image_uris"]
+    assert again["image_uris"] == out["image_uris"] and again["redelivered"]
+    assert not out["redelivered"]
     assert ws.catalog.get_job("job-a").attempts == 2
+    assert ws.catalog.get_job("job-a").finished_at == job.finished_at  # nothing rewritten
     assert len(ws.catalog.list_images("job-a")) == 2
+
+    # The first delivery's result stored (as a worker does when the task returns): a copy of
+    # that same message is acknowledged and dropped, the stored result stays.
+    tasks.generate.backend.store_result(first.id, out, "SUCCESS")
+    copy = _generate(tasks, "job-a", task_id=first.id)
+    assert copy.state == "IGNORED"
+    assert tasks.generate.backend.get_task_meta(first.id)["result"] == out
+    assert ws.catalog.get_job("job-a").attempts == 3
+    assert ws.catalog.get_job("job-a").finished_at == job.finished_at
 
 
 @pytest.fixture
