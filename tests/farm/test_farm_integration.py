@@ -373,25 +373,10 @@ def test_farm_run_command_shows_progress_and_prints_the_images(cluster):
 
 def test_killed_worker_job_completes_on_the_other_worker(cluster):
     farm, catalog, store = cluster.farm, cluster.farm.catalog, cluster.bucket.store
-    key = cluster.ready_key(PROMPT)
     seeds = list(range(100, 124))
-    job = farm.submit(
-        PROMPT,
-        seeds=seeds,
-        model="tiny-sd",
-        batch_size=len(seeds),
-        pipeline_batch_size=2,
-        affinity=False,  # the shared queue: either worker may take the redelivery
-    )
-    [batch] = job.batches
-    deadline = time.monotonic() + 60
-    while True:  # wait until it is half-way: a few images stored
-        state = farm.app.AsyncResult(batch.task_id)
-        if state.state == "PROGRESS" and state.info["step"] >= 4:
-            victim = state.info["worker"]
-            break
-        assert time.monotonic() < deadline, f"batch not started: {state.state}"
-        time.sleep(0.1)
+    # The shared queue: either worker may take the redelivery.
+    key, job, batch = _one_batch(cluster, seeds, affinity=False)
+    victim = _wait_for_images(cluster, batch, 4)["worker"]  # half-way: a few images stored
     [survivor] = set(WORKERS.values()) - {victim}
     active = farm.app.control.inspect(destination=[victim], timeout=2).active()
     [pid] = [t["worker_pid"] for t in active[victim] if t["id"] == batch.task_id]
@@ -423,24 +408,9 @@ def test_a_copy_of_a_running_batch_completes_it_once(cluster):
     batch, is dropped, and the task succeeds once; a copy delivered after the job finished
     (a lost acknowledgement) is dropped too. Rows, images and the stored result stay."""
     farm, catalog = cluster.farm, cluster.farm.catalog
-    key = cluster.ready_key(PROMPT)
     seeds = list(range(200, 212))
-    job = farm.submit(
-        PROMPT,
-        seeds=seeds,
-        model="tiny-sd",
-        batch_size=len(seeds),
-        pipeline_batch_size=2,
-        queue=OWN_QUEUES["nodeA"],
-    )
-    [batch] = job.batches
-    deadline = time.monotonic() + 60
-    while True:
-        state = farm.app.AsyncResult(batch.task_id)
-        if state.state == "PROGRESS" and state.info["step"] >= 2:
-            break
-        assert time.monotonic() < deadline, f"batch not started: {state.state}"
-        time.sleep(0.1)
+    key, job, batch = _one_batch(cluster, seeds, queue=OWN_QUEUES["nodeA"])
+    _wait_for_images(cluster, batch, 2)
     message = {
         "args": ({"key": key},),
         "kwargs": {
@@ -468,6 +438,27 @@ def test_a_copy_of_a_running_batch_completes_it_once(cluster):
     stored = farm.app.AsyncResult(batch.task_id)
     assert stored.state == "SUCCESS" and stored.result["worker"] == WORKERS["nodeA"]
     assert not stored.result["redelivered"]
+
+
+def _one_batch(cluster: Cluster, seeds: list[int], **route: Any) -> tuple[str, Any, Any]:
+    """(ready fragment key, job, its one batch) of a job of ``seeds`` for :data:`PROMPT`."""
+    key = cluster.ready_key(PROMPT)
+    job = cluster.farm.submit(
+        PROMPT, seeds=seeds, model="tiny-sd", batch_size=len(seeds), pipeline_batch_size=2, **route
+    )
+    [batch] = job.batches
+    return key, job, batch
+
+
+def _wait_for_images(cluster: Cluster, batch: Any, step: int) -> dict[str, Any]:
+    """The PROGRESS info of ``batch`` once it reported ``step`` images."""
+    deadline = time.monotonic() + 60
+    while True:
+        state = cluster.farm.app.AsyncResult(batch.task_id)
+        if state.state == "PROGRESS" and state.info["step"] >= step:
+            return state.info
+        assert time.monotonic() < deadline, f"batch not started: {state.state}"
+        time.sleep(0.1)
 
 
 def _wait_for_drops(cluster: Cluster, task_id: str, count: int) -> None:
