@@ -10,7 +10,13 @@ from fragjobs.lazy_exports import lazy_getattr
 
 _NAMES = ("Farm", "FarmJob", "FarmResult", "Batch", "plan_batch_queues")
 
-_EXPORTS = dict.fromkeys(_NAMES, "fragjobs.farm.client")
+_EXPORTS = {
+    "Farm": "fragjobs.farm.client",
+    "plan_batch_queues": "fragjobs.farm.client",
+    "FarmJob": "fragjobs.farm.jobs",
+    "FarmResult": "fragjobs.farm.jobs",
+    "Batch": "fragjobs.farm.jobs",
+}
 
 __all__ = list(_NAMES)
 

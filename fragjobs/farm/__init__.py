@@ -1,7 +1,8 @@
 """The farm side of the core: the only part of ``fragjobs`` that talks to Celery and Redis.
 
 * :mod:`~fragjobs.farm.settings` — :class:`FarmSettings` (``FRAGJOBS_*``) and queue names;
-* :mod:`~fragjobs.farm.client` — :class:`Farm`: submit the chain, follow it, wait for it;
+* :mod:`~fragjobs.farm.client` — :class:`Farm`: check a job and submit the chain;
+* :mod:`~fragjobs.farm.jobs` — :class:`FarmJob`: follow a submitted job, wait for it;
 * :mod:`~fragjobs.farm.results` — the client's result backend (polled, never subscribed);
 * :mod:`~fragjobs.farm.launcher` — one node's workers, one per GPU (``fragjobs farm start``);
 * :mod:`~fragjobs.farm.registry` — the warm-fragment registry behind fragment affinity;
@@ -19,8 +20,8 @@ _EXPORTS = {
     "FarmSettings": "fragjobs.farm.settings",
     "SHARED_QUEUE": "fragjobs.farm.settings",
     "Farm": "fragjobs.farm.client",
-    "FarmJob": "fragjobs.farm.client",
-    "FarmResult": "fragjobs.farm.client",
+    "FarmJob": "fragjobs.farm.jobs",
+    "FarmResult": "fragjobs.farm.jobs",
     "plan_batch_queues": "fragjobs.farm.client",
     "AFFINITY_INSPECT_TIMEOUT_S": "fragjobs.farm.client",
     "WorkerSpec": "fragjobs.farm.launcher",

@@ -1,6 +1,6 @@
 """The client's result backend: Redis, read by polling, never through pub/sub.
 
-:class:`fragjobs.farm.client.FarmJob` reads its tasks' states by polling them. Celery's Redis
+:class:`fragjobs.farm.jobs.FarmJob` reads its tasks' states by polling them. Celery's Redis
 backend also subscribes to a channel per task, as each task is sent and as each group is
 built, and that subscription gives up after about 20 s of broker outage ("Retry limit
 exceeded ... The Celery application must be restarted"): a job submitted while the broker
