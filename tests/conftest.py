@@ -46,15 +46,21 @@ def settings(tmp_path, monkeypatch) -> Settings:
 
 @pytest.fixture
 def gate_ssim_min(settings, tmp_path, monkeypatch):
-    """Sets the quality gate's ``ssim_min`` (a copy of thresholds.yaml, only that changed)."""
+    """Sets the quality gate's ``ssim_min`` (a copy of thresholds.yaml, only that changed),
+    and its ``colour_delta_e_max`` when given."""
     from importlib.resources import files
 
     text = files("fragjobs").joinpath("thresholds.yaml").read_text()
     path = tmp_path / "gate.yaml"
     monkeypatch.setattr(settings, "thresholds_path", path)
 
-    def set_ssim_min(value: float) -> None:
-        path.write_text(text.replace("ssim_min: 0.85", f"ssim_min: {value}"))
+    def set_ssim_min(value: float, colour_delta_e_max: float | None = None) -> None:
+        body = text.replace("ssim_min: 0.85", f"ssim_min: {value}")
+        if colour_delta_e_max is not None:
+            body = body.replace(
+                "colour_delta_e_max: 12", f"colour_delta_e_max: {colour_delta_e_max}"
+            )
+        path.write_text(body)
 
     return set_ssim_min
 

@@ -6,7 +6,6 @@ writes, so both paths are exercised on purpose), embedded, every step real."""
 from __future__ import annotations
 
 import json
-from importlib.resources import files
 
 import pytest
 
@@ -35,16 +34,11 @@ SMALL = {
 
 
 @pytest.fixture
-def gate(settings, tmp_path, monkeypatch):
+def gate(gate_ssim_min):
     """Sets the quality gate: ``gate(passing=True)`` accepts any image, False none."""
-    text = files("fragjobs").joinpath("thresholds.yaml").read_text()
-    path = tmp_path / "gate.yaml"
-    monkeypatch.setattr(settings, "thresholds_path", path)
 
     def set_gate(passing: bool) -> None:
-        ssim_min = "0.001" if passing else "1.0"
-        body = text.replace("ssim_min: 0.85", f"ssim_min: {ssim_min}")
-        path.write_text(body.replace("colour_delta_e_max: 12", "colour_delta_e_max: 1000"))
+        gate_ssim_min(0.001 if passing else 1.0, colour_delta_e_max=1000)
 
     return set_gate
 
