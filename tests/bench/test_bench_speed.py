@@ -11,20 +11,30 @@ from fragjobs.bench.speed_report import markdown_table
 from fragjobs.errors import InvalidInputError
 
 
-def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
-    result = bench_model(
+def _bench(methods, **options):
+    """bench_model on tiny-sd at 4 steps, batch 2, two repeats (``options`` override)."""
+    return bench_model(
         "tiny-sd",
-        threshold=0.75,
-        fidelity=0.9,
-        steps=4,
-        size=None,
-        batch_size=2,
-        repeats=2,
-        prompt="a dog on a jet ski",
-        methods=("int8", "caching@0.8", "tome_0.5", "taylorseer_2", "fbc_0.05"),
+        **{
+            "threshold": 0.75,
+            "fidelity": 0.9,
+            "steps": 4,
+            "size": None,
+            "batch_size": 2,
+            "repeats": 2,
+            "prompt": "a dog on a jet ski",
+            "methods": methods,
+            "log": lambda _line: None,
+            **options,
+        },
+    )
+
+
+def test_bench_times_methods_interleaved_and_reports_break_even(tmp_path):
+    result = _bench(
+        ("int8", "caching@0.8", "tome_0.5", "taylorseer_2", "fbc_0.05"),
         profile_seeds=(0, 1),
         fragments_dir=tmp_path,
-        log=lambda _line: None,
     )
     rows = {row["method"]: row for row in result["rows"]}
     assert list(rows) == ["full", "int8", "caching@0.8", "tome_0.5", "taylorseer_2", "fbc_0.05"]
@@ -166,21 +176,12 @@ def test_peak_rss_is_the_process_own_not_inherited_from_its_parent():
 
 
 def test_the_model_level_row_pays_only_its_gate_and_reports_its_one_off_build(tmp_path):
-    result = bench_model(
-        "tiny-sd",
-        threshold=0.75,
-        fidelity=0.9,
-        steps=4,
-        size=None,
-        batch_size=2,
-        repeats=2,
-        prompt="a dog on a jet ski",
-        methods=("model_level", "deepcache_3"),
+    result = _bench(
+        ("model_level", "deepcache_3"),
         profile_seeds=(0, 1),
         eval_seeds=4,
         fragments_dir=tmp_path,
         memory=False,
-        log=lambda _line: None,
     )
     rows = {row["method"]: row for row in result["rows"]}
     shared = rows["model_level"]
@@ -202,15 +203,4 @@ def test_the_model_level_row_pays_only_its_gate_and_reports_its_one_off_build(tm
 
     assert shared in fragment_rows(result) and shared not in peer_rows(result)
     with pytest.raises(InvalidInputError, match="not a fidelity"):
-        bench_model(
-            "tiny-sd",
-            threshold=0.75,
-            fidelity=0.9,
-            steps=4,
-            size=None,
-            batch_size=2,
-            repeats=1,
-            prompt="x",
-            methods=("model_level@high",),
-            log=lambda _line: None,
-        )
+        _bench(("model_level@high",), repeats=1, prompt="x")
