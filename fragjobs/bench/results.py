@@ -58,7 +58,8 @@ def fresh_prompts(seed: int, n: int = len(PROMPTS)) -> tuple[str, ...]:
     (so nothing was tuned on them)."""
     import random
 
-    from fragjobs.builtin.scenes import plain_caption, sample_specs
+    from fragjobs.builtin.captions import plain_caption
+    from fragjobs.builtin.scenes import sample_specs
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

@@ -1,7 +1,7 @@
 """Evaluate the shapes model: does it draw held-out colour/shape/position combinations?
 
 For every held-out combination (× size × background) and seed, generate its canonical caption
-and read the image back zero-shot with the model's own CLIP (``scenes.read_attributes``);
+and read the image back zero-shot with the model's own CLIP (``reading.read_attributes``);
 accuracy per attribute, overall and per size. A prompt whose words the model never saw still
 generates (byte-level tokenizer); its reading simply fails.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fragjobs.builtin import scenes
+from fragjobs.builtin import captions, scenes
 from fragjobs.builtin.train import score
 
 TARGETS = {"colour": 0.9, "shape": 0.85, "position": 0.8}
@@ -40,7 +40,7 @@ def evaluate_model(
         chunk = work[first : first + batch_size]
         images.append(
             pipe(
-                [scenes.canonical_caption(spec) for spec, _ in chunk],
+                [captions.canonical_caption(spec) for spec, _ in chunk],
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 height=scenes.IMAGE_SIZE,

@@ -9,33 +9,27 @@ rotation, shade) makes every rendering different while the named attributes stay
 * :func:`render` rasterises specs with torch ops on a pixel grid (signed distances, 1-pixel
   antialiasing), so whole batches are drawn at once on any device; training draws
   :class:`SceneTensors` directly and calls :func:`render_tensors`.
-* :func:`caption` writes one of many paraphrases (templates × synonyms), :func:`paraphrases`
-  lists several and :func:`canonical_caption` gives the fixed wording used for evaluation.
 * :data:`HELD_OUT` names colour/shape/position combinations that training never sees; they are
   used only to test whether a model composes attributes it learnt separately.
-* :func:`read_attributes` reads colour, shape, size, position and background from images with
-  a CLIP model, zero-shot (no classifier is trained); :func:`read_background` reads the
-  background from the border pixels alone.
+* Captions are in :mod:`fragjobs.builtin.captions`; reading the attributes back from images
+  with a CLIP model is :mod:`fragjobs.builtin.reading`.
 
 Example::
 
     g = torch.Generator().manual_seed(0)
     specs = sample_specs(8, g, held_out=False)
     images = render(specs)                   # (8, 3, 64, 64) in [0, 1]
-    texts = [caption(s, random.Random(0)) for s in specs]
+    texts = [captions.caption(s, random.Random(0)) for s in specs]
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 IMAGE_SIZE = 64
 MAX_CAPTION_BYTES = 75  # 77 positions minus the start and end tokens of the byte tokenizer
@@ -276,7 +270,7 @@ def jitter_from_uniform(u: torch.Tensor) -> torch.Tensor:
     Shared by :func:`sample_specs` and training code that draws jitter on the GPU, so both
     see the same distribution.
     """
-    tables = _tables(u.device)
+    tables = lookup_tables(u.device)
     low, high = tables["jitter_low"].to(u.dtype), tables["jitter_high"].to(u.dtype)
     return low + (high - low) * u
 
@@ -391,7 +385,7 @@ def render_tensors(scenes: SceneTensors) -> torch.Tensor:
     """
     device = scenes.background.device
     n = scenes.background.shape[0]
-    palette = _tables(device)
+    palette = lookup_tables(device)
     image = palette["background"][scenes.background][:, :, None, None].expand(n, 3, 64, 64)
     coords = torch.arange(IMAGE_SIZE, device=device, dtype=torch.float32) + 0.5
     for k in range(scenes.objects.shape[1]):
@@ -418,7 +412,7 @@ def render_tensors(scenes: SceneTensors) -> torch.Tensor:
 _TABLES: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def _tables(device: torch.device | str) -> dict[str, torch.Tensor]:
+def lookup_tables(device: torch.device | str) -> dict[str, torch.Tensor]:
     """Constant lookup tables on ``device``, made once: a copy from a Python list to a GPU
     waits for the GPU, which would stall a training loop on every step."""
     key = str(torch.device(device))
@@ -488,329 +482,3 @@ def _sdf_star(x: torch.Tensor, y: torch.Tensor, radius: float, inner: float) -> 
     bax, bay = inner * -k1y, inner * k1x - 1.0
     h = ((px * bax + py * bay) / (bax * bax + bay * bay)).clamp(0.0, radius)
     return torch.hypot(px - bax * h, py - bay * h) * torch.sign(py * bax - px * bay)
-
-
-# --------------------------------------------------------------------------------------------
-# Captions
-
-_COLOUR_WORDS = {
-    "red": ("red", "crimson", "scarlet"),
-    "green": ("green", "emerald", "grass-green"),
-    "blue": ("blue", "cobalt", "royal blue"),
-    "yellow": ("yellow", "golden", "lemon"),
-    "purple": ("purple", "violet", "plum"),
-    "orange": ("orange", "amber", "tangerine"),
-    "white": ("white", "snow-white", "ivory"),
-    "black": ("black", "jet-black", "ebony"),
-}
-_BACKGROUND_WORDS = {
-    "grey": ("grey", "gray", "ash grey"),
-    "white": ("white", "plain white", "snowy"),
-    "black": ("black", "dark", "pitch-black"),
-    "pink": ("pink", "rose", "pastel pink"),
-    "teal": ("teal", "dark cyan", "sea green"),
-}
-_SHAPE_WORDS = {
-    "circle": ("circle", "disc", "round shape", "dot"),
-    "square": ("square", "box", "block", "square shape"),
-    "triangle": ("triangle", "triangular shape", "three-sided shape"),
-    "star": ("star", "five-pointed star", "star shape"),
-    "cross": ("cross", "plus sign", "plus shape"),
-}
-_SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
-_POSITION_PHRASES = {
-    "left": ("on the left", "at the left", "to the left", "on the left side", "in the left half"),
-    "right": (
-        "on the right",
-        "at the right",
-        "to the right",
-        "on the right side",
-        "in the right half",
-    ),
-    "top": ("at the top", "near the top", "in the upper part", "at the top edge"),
-    "bottom": ("at the bottom", "near the bottom", "in the lower part", "at the bottom edge"),
-    "center": ("in the center", "in the middle", "in the centre", "at the center"),
-}
-_POSITION_WORDS = {
-    "left": ("left",),
-    "right": ("right",),
-    "top": ("top", "upper part"),
-    "bottom": ("bottom", "lower part"),
-    "center": ("center", "middle", "centre"),
-}
-_BACKGROUND_PHRASES = (
-    " on {a} {word} background",
-    " over {a} {word} background",
-    " against {a} {word} backdrop",
-    ", {word} background",
-    " with {a} {word} background",
-)
-_NOUN_PHRASES = ("{size}{colour} {shape}", "{size}{shape} in {colour}")
-
-SINGLE_TEMPLATES = (
-    "{np} {pos}{bg}",
-    "{pos_word}: {np}{bg}",
-    "{bg_np} with {np} {pos}",
-    "there is {np} {pos}{bg}",
-    "{np_bare} {pos}{bg}",
-    "a picture of {np} {pos}{bg}",
-    "{Pos}, {np}{bg}",
-    "{np} placed {pos}{bg}",
-)
-"""Caption templates for one shape: ``{np}`` is a noun phrase such as "a small crimson disc",
-``{pos}`` a position phrase, ``{bg}`` a background phrase (or empty when omitted)."""
-
-PAIR_TEMPLATES = (
-    "{np1} {pos1} and {np2} {pos2}{bg}",
-    "{np1} {pos1}, {np2} {pos2}{bg}",
-    "{pos_word1}: {np1}; {pos_word2}: {np2}{bg}",
-)
-"""Caption templates for two shapes (numbered fields per shape)."""
-
-_CANONICAL_POSITION = {p: phrases[0] for p, phrases in _POSITION_PHRASES.items()}
-
-
-def canonical_caption(spec: SceneSpec) -> str:
-    """The fixed wording of a scene, used for evaluation prompts and zero-shot reading.
-
-    Example: ``"a small red circle on the left, grey background"``; two shapes:
-    ``"small red circle left, large blue star right, grey background"``.
-    """
-    if len(spec.objects) == 1:
-        obj = spec.objects[0]
-        phrase = f"{obj.size} {obj.colour} {obj.shape}"
-        return f"{_article(phrase)} {phrase} {_CANONICAL_POSITION[obj.position]}, " + (
-            f"{spec.background} background"
-        )
-    parts = [f"{o.size} {o.colour} {o.shape} {o.position}" for o in spec.objects]
-    return ", ".join(parts) + f", {spec.background} background"
-
-
-def plain_caption(spec: SceneSpec, *, size: bool = True, background: bool = True) -> str:
-    """A one-shape scene as a user writes it: the canonical words in the first template, with
-    the size word and the background phrase each named or left out.
-
-    Example: ``"a small red circle on the left on a grey background"``; without both:
-    ``"a red circle on the left"``.
-    """
-    if len(spec.objects) != 1:
-        raise ValueError(f"plain_caption takes a one-shape scene, got {len(spec.objects)} shapes")
-    return _fill(SINGLE_TEMPLATES[0], spec, _first, [size], background)
-
-
-def caption(
-    spec: SceneSpec,
-    rng: random.Random,
-    template: int | None = None,
-    *,
-    omit: float = 0.0,
-) -> str:
-    """One caption of ``spec``: a random template filled with random synonyms.
-
-    Colour, shape and position are always named. Captions never exceed
-    :data:`MAX_CAPTION_BYTES` UTF-8 bytes: a filling that would is redone with the canonical
-    words, and then falls back to :func:`canonical_caption`.
-
-    Args:
-        spec: the scene.
-        rng: source of the template and word choices (advanced).
-        template: index into :data:`SINGLE_TEMPLATES` (or :data:`PAIR_TEMPLATES` for two
-            shapes); random when ``None``.
-        omit: probability of leaving out each of the size words and the background phrase.
-
-    Returns:
-        The caption text.
-    """
-    templates = SINGLE_TEMPLATES if len(spec.objects) == 1 else PAIR_TEMPLATES
-    if template is None:
-        template = rng.randrange(len(templates))
-    if not 0 <= template < len(templates):
-        raise ValueError(f"template must be in [0, {len(templates)}), got {template}")
-    show_size = [rng.random() >= omit for _ in spec.objects]
-    show_background = rng.random() >= omit
-    for pick in (rng.choice, _first):
-        text = _fill(templates[template], spec, pick, show_size, show_background)
-        if len(text.encode("utf-8")) <= MAX_CAPTION_BYTES:
-            return text
-    return canonical_caption(spec)
-
-
-def paraphrases(spec: SceneSpec) -> list[str]:
-    """Distinct complete captions of ``spec`` (the canonical one first), one per template.
-
-    Every paraphrase names all attributes; the words are drawn deterministically per
-    template, so the list is the same on every call.
-    """
-    templates = SINGLE_TEMPLATES if len(spec.objects) == 1 else PAIR_TEMPLATES
-    texts = [canonical_caption(spec)]
-    texts += [caption(spec, random.Random(i), i) for i in range(len(templates))]
-    return list(dict.fromkeys(texts))
-
-
-def attribute_words(attribute: str, value: str) -> tuple[str, ...]:
-    """The words captions may use for an attribute value (e.g. ``("red", "crimson", ...)``)."""
-    tables = {
-        "colour": _COLOUR_WORDS,
-        "shape": _SHAPE_WORDS,
-        "size": _SIZE_WORDS,
-        "position": {p: _POSITION_PHRASES[p] + _POSITION_WORDS[p] for p in POSITIONS},
-        "background": _BACKGROUND_WORDS,
-    }
-    if attribute not in tables:
-        raise ValueError(f"unknown attribute {attribute!r}: choose one of {', '.join(tables)}")
-    return tables[attribute][value]
-
-
-def _first(options: Sequence[str]) -> str:
-    return options[0]
-
-
-def _article(phrase: str) -> str:
-    return "an" if phrase[:1] in "aeiou" else "a"
-
-
-def _noun_phrase(obj: ShapeSpec, pick, show_size: bool, form: str) -> tuple[str, str]:
-    size = f"{pick(_SIZE_WORDS[obj.size])} " if show_size else ""
-    bare = form.format(
-        size=size, colour=pick(_COLOUR_WORDS[obj.colour]), shape=pick(_SHAPE_WORDS[obj.shape])
-    )
-    return f"{_article(bare)} {bare}", bare
-
-
-def _fill(
-    template: str, spec: SceneSpec, pick, show_size: list[bool], show_background: bool
-) -> str:
-    fields: dict[str, Any] = {}
-    form = pick(_NOUN_PHRASES)
-    for i, obj in enumerate(spec.objects):
-        suffix = "" if len(spec.objects) == 1 else str(i + 1)
-        np_, bare = _noun_phrase(obj, pick, show_size[i], form)
-        pos = pick(_POSITION_PHRASES[obj.position])
-        fields |= {
-            f"np{suffix}": np_,
-            f"np_bare{suffix}": bare,
-            f"pos{suffix}": pos,
-            f"Pos{suffix}": pos[:1].upper() + pos[1:],
-            f"pos_word{suffix}": pick(_POSITION_WORDS[obj.position]),
-        }
-    if show_background:
-        word = pick(_BACKGROUND_WORDS[spec.background])
-        fields["bg"] = pick(_BACKGROUND_PHRASES).format(a=_article(word), word=word)
-        fields["bg_np"] = f"{_article(word)} {word} background"
-    else:
-        fields["bg"] = ""
-        fields["bg_np"] = pick(("a picture", "an image", "a scene"))
-    return template.format(**fields)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading attributes back from images
-
-
-def normalise_for_clip(images: torch.Tensor) -> torch.Tensor:
-    """Images (n, 3, H, W) in [0, 1] → CLIP pixel values (64×64, CLIP mean/std)."""
-    if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        images = F.interpolate(
-            images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True
-        )
-    tables = _tables(images.device)
-    return (images - tables["clip_mean"].to(images.dtype)) / tables["clip_std"].to(images.dtype)
-
-
-def text_embeddings(clip_model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Unit-norm projected text embeddings of a ``CLIPModel`` (transformers 4 and 5 alike)."""
-    pooled = clip_model.text_model(input_ids=input_ids).pooler_output
-    return F.normalize(clip_model.text_projection(pooled).float(), dim=-1)
-
-
-def image_embeddings(clip_model: Any, images: torch.Tensor) -> torch.Tensor:
-    """Unit-norm projected image embeddings of images (n, 3, H, W) in [0, 1]."""
-    pooled = clip_model.vision_model(pixel_values=normalise_for_clip(images)).pooler_output
-    return F.normalize(clip_model.visual_projection(pooled).float(), dim=-1)
-
-
-@torch.no_grad()
-def read_attributes(
-    clip_model: Any, tokenizer: Any, images: torch.Tensor, *, batch_size: int = 256
-) -> list[dict[str, str]]:
-    """Read each image's attributes zero-shot with a CLIP model.
-
-    Every image is compared with the canonical captions of all single-shape scenes
-    (:func:`enumerate_specs` with ``held_out=None``); the softmax over those captions is
-    summed per attribute value and the most probable value wins. Held-out combinations are
-    among the candidates, so reading them tests composition, not memory.
-
-    Args:
-        clip_model: a ``CLIPModel`` (its own device is used).
-        tokenizer: the model's tokenizer, or a ``CLIPProcessor`` holding it.
-        images: (n, 3, H, W) in [0, 1]; resized to 64×64 if needed.
-        batch_size: images per forward pass.
-
-    Returns:
-        One dict per image with the keys of :data:`ATTRIBUTES`.
-    """
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    device = next(clip_model.parameters()).device
-    specs = enumerate_specs(held_out=None)
-    ids = tokenizer(
-        [canonical_caption(s) for s in specs],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    text = torch.cat([text_embeddings(clip_model, chunk) for chunk in ids.split(512)])
-    scale = clip_model.logit_scale.exp().float()
-    values = {a: _values(a) for a in ATTRIBUTES}
-    members = {
-        a: torch.tensor([vals.index(s.attributes()[a]) for s in specs], device=device)
-        for a, vals in values.items()
-    }
-    readings: list[dict[str, str]] = []
-    for chunk in images.split(batch_size):
-        image = image_embeddings(clip_model, chunk.to(device=device, dtype=torch.float32))
-        logp = torch.log_softmax(scale * image @ text.T, dim=-1)
-        best = {}
-        for a, vals in values.items():
-            per_value = torch.full((logp.shape[0], len(vals)), -math.inf, device=device)
-            index = members[a].expand_as(logp)
-            per_value = per_value.scatter_reduce(1, index, logp, reduce="amax")
-            # log-sum-exp per value, stabilised by the per-value maximum
-            summed = torch.zeros_like(per_value).scatter_add(
-                1, index, (logp - per_value.gather(1, index)).exp()
-            )
-            best[a] = (per_value + summed.log()).argmax(dim=-1).tolist()
-        readings += [{a: values[a][best[a][i]] for a in ATTRIBUTES} for i in range(logp.shape[0])]
-    return readings
-
-
-def read_background(images: torch.Tensor) -> list[str]:
-    """Name each image's background from its border pixels (median of a 2-pixel frame).
-
-    A check of the background that needs no model: the nearest colour of
-    :data:`BACKGROUNDS` to the frame's median wins.
-    """
-    frame = torch.cat(
-        [
-            images[:, :, :2, :].flatten(2),
-            images[:, :, -2:, :].flatten(2),
-            images[:, :, 2:-2, :2].flatten(2),
-            images[:, :, 2:-2, -2:].flatten(2),
-        ],
-        dim=2,
-    ).float()
-    median = frame.median(dim=2).values
-    palette = _tables(images.device)["background"]
-    nearest = torch.cdist(median, palette).argmin(dim=-1)
-    names = list(BACKGROUNDS)
-    return [names[i] for i in nearest.tolist()]
-
-
-def _values(attribute: str) -> list[str]:
-    return {
-        "colour": list(COLOURS),
-        "shape": list(SHAPES),
-        "size": list(SIZES),
-        "position": list(POSITIONS),
-        "background": list(BACKGROUNDS),
-    }[attribute]

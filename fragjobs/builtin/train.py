@@ -70,7 +70,7 @@ from transformers import (
     CLIPTextModel,
 )
 
-from fragjobs.builtin import scenes
+from fragjobs.builtin import captions, reading, scenes
 from fragjobs.builtin.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer
 
 MAX_TOKENS = 77
@@ -339,8 +339,8 @@ class CaptionBank:
         """Caption and tokenise ``specs`` (the first ``singles`` have one shape)."""
         texts = []
         for spec in specs:
-            texts.append(scenes.canonical_caption(spec))
-            texts += [scenes.caption(spec, rng, omit=omit) for _ in range(captions_per_scene - 1)]
+            texts.append(captions.canonical_caption(spec))
+            texts += [captions.caption(spec, rng, omit=omit) for _ in range(captions_per_scene - 1)]
         ids = byte_token_ids(texts)
         sample = texts[:: max(1, len(texts) // 256)]
         if not torch.equal(byte_token_ids(sample), tokenize(tokenizer, sample)):
@@ -619,8 +619,8 @@ def train_clip(ctx: RunContext, bank: CaptionBank) -> tuple[CLIPModel, StageResu
         with torch.no_grad():
             images = scenes.render_tensors(batch)
         with ctx.autocast():
-            image = scenes.image_embeddings(clip, images)
-            text = scenes.text_embeddings(clip, ids)
+            image = reading.image_embeddings(clip, images)
+            text = reading.text_embeddings(clip, ids)
         logits = clip.logit_scale.exp().float() * image @ text.T
         # Several captions of one scene may share a batch: they are all positives.
         same = (index[:, None] == index[None, :]).float()
@@ -859,12 +859,12 @@ def check_outputs(out: Path, pipe: StableDiffusionPipeline, clip: CLIPModel) -> 
     images = scenes.render(scenes.sample_specs(4, torch.Generator().manual_seed(0), held_out=None))
     uint8 = [(image * 255).round().to(torch.uint8) for image in images]
     inputs = processor(text=probes[1:2], images=uint8, return_tensors="pt", padding="max_length")
-    pixel_error = float((inputs["pixel_values"] - scenes.normalise_for_clip(images)).abs().max())
+    pixel_error = float((inputs["pixel_values"] - reading.normalise_for_clip(images)).abs().max())
     if pixel_error > 0.05:
         raise RuntimeError(f"clip/ processor changes pixels by up to {pixel_error:.3f}")
     # Compare on CPU: TF32 on a GPU alone would differ by more than the tolerance.
-    trained = scenes.image_embeddings(copy.deepcopy(clip).to("cpu"), images)
-    if (scenes.image_embeddings(model, images) - trained).abs().max() > 1e-3:
+    trained = reading.image_embeddings(copy.deepcopy(clip).to("cpu"), images)
+    if (reading.image_embeddings(model, images) - trained).abs().max() > 1e-3:
         raise RuntimeError("clip/ weights do not reproduce the trained image embeddings")
     reloaded = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
     sample = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -909,7 +909,7 @@ def evaluate(
             break
         chunk = work[first : first + config.eval_batch]
         images = pipe(
-            [scenes.canonical_caption(spec) for _, spec, _ in chunk],
+            [captions.canonical_caption(spec) for _, spec, _ in chunk],
             num_inference_steps=config.eval_steps,
             guidance_scale=config.eval_guidance,
             height=scenes.IMAGE_SIZE,
@@ -954,13 +954,13 @@ def evaluate(
 def score(
     clip: CLIPModel, tokenizer: Any, specs: Sequence[scenes.SceneSpec], images: torch.Tensor
 ) -> dict[str, Any]:
-    """Accuracy of :func:`scenes.read_attributes` against ``specs``, overall and per size."""
-    readings = scenes.read_attributes(clip, tokenizer, images)
-    backgrounds = scenes.read_background(images)
+    """Accuracy of :func:`reading.read_attributes` against ``specs``, overall and per size."""
+    readings = reading.read_attributes(clip, tokenizer, images)
+    backgrounds = reading.read_background(images)
     rows = []
-    for spec, reading, background in zip(specs, readings, backgrounds, strict=True):
+    for spec, found, background in zip(specs, readings, backgrounds, strict=True):
         truth = spec.attributes()
-        row = {a: float(reading[a] == truth[a]) for a in scenes.ATTRIBUTES}
+        row = {a: float(found[a] == truth[a]) for a in scenes.ATTRIBUTES}
         row["colour_shape_position"] = row["colour"] * row["shape"] * row["position"]
         row["background_pixels"] = float(background == spec.background)
         rows.append((spec.size, row))

@@ -126,7 +126,8 @@ def builtin_calibration_prompts() -> list[str]:
     background phrase is named in every other caption and the size word in two of every four
     (a prompt without them leaves the model to choose, so its seeds vary more and the shared
     schedule must hold on them too)."""
-    from fragjobs.builtin.scenes import plain_caption, sample_specs
+    from fragjobs.builtin.captions import plain_caption
+    from fragjobs.builtin.scenes import sample_specs
 
     generator = torch.Generator().manual_seed(CALIBRATION_SEED)
     specs = sample_specs(4 * CALIBRATION_PROMPTS, generator, held_out=None, jitter=False)

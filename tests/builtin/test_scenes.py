@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fragjobs.builtin import scenes
+from fragjobs.builtin import captions, reading, scenes
 from fragjobs.builtin.scenes import SceneSpec, ShapeSpec
 
 
@@ -18,7 +18,7 @@ def _spec(shape="circle", colour="red", size="large", position="left", backgroun
 
 
 def _mentions(text: str, attribute: str, value: str) -> bool:
-    return any(word in text.lower() for word in scenes.attribute_words(attribute, value))
+    return any(word in text.lower() for word in captions.attribute_words(attribute, value))
 
 
 def test_sampling_and_rendering_are_deterministic_for_a_seed():
@@ -101,16 +101,16 @@ def test_render_draws_every_shape_differently():
 
 def test_read_background_recovers_every_background():
     specs = scenes.sample_specs(60, torch.Generator().manual_seed(2), held_out=None)
-    assert scenes.read_background(scenes.render(specs)) == [s.background for s in specs]
+    assert reading.read_background(scenes.render(specs)) == [s.background for s in specs]
 
 
 def test_captions_name_every_attribute_and_fit_the_tokenizer():
     rng = random.Random(0)
     specs = scenes.sample_specs(100, torch.Generator().manual_seed(3), held_out=None)
     for spec in specs:
-        templates = scenes.SINGLE_TEMPLATES if len(spec.objects) == 1 else scenes.PAIR_TEMPLATES
+        templates = captions.SINGLE_TEMPLATES if len(spec.objects) == 1 else captions.PAIR_TEMPLATES
         for template in range(len(templates)):
-            text = scenes.caption(spec, rng, template)
+            text = captions.caption(spec, rng, template)
             assert len(text.encode("utf-8")) <= scenes.MAX_CAPTION_BYTES
             for obj in spec.objects:
                 for attribute in ("colour", "shape", "size", "position"):
@@ -120,7 +120,7 @@ def test_captions_name_every_attribute_and_fit_the_tokenizer():
 
 def test_caption_omission_keeps_colour_shape_and_position():
     spec = _spec(shape="star", colour="green", size="small", position="top", background="pink")
-    texts = [scenes.caption(spec, random.Random(i), omit=1.0) for i in range(20)]
+    texts = [captions.caption(spec, random.Random(i), omit=1.0) for i in range(20)]
     for text in texts:
         assert _mentions(text, "colour", "green")
         assert _mentions(text, "shape", "star")
@@ -131,26 +131,26 @@ def test_caption_omission_keeps_colour_shape_and_position():
 
 def test_paraphrases_differ_in_text_but_share_attributes():
     spec = _spec(shape="triangle", colour="purple", size="small", position="center")
-    texts = scenes.paraphrases(spec)
-    assert texts[0] == scenes.canonical_caption(spec)
+    texts = captions.paraphrases(spec)
+    assert texts[0] == captions.canonical_caption(spec)
     assert texts[0] == "a small purple triangle in the center, black background"
     assert len(texts) == len(set(texts)) >= 5
     for text in texts:
         for attribute, value in spec.attributes().items():
             assert _mentions(text, attribute, value), (text, attribute)
-    assert texts == scenes.paraphrases(spec)
+    assert texts == captions.paraphrases(spec)
 
 
 def test_plain_caption_names_size_and_background_only_when_asked():
     spec = _spec(shape="star", colour="red", size="large", position="left", background="grey")
-    assert scenes.plain_caption(spec) == "a large red star on the left on a grey background"
-    assert scenes.plain_caption(spec, size=False, background=False) == "a red star on the left"
+    assert captions.plain_caption(spec) == "a large red star on the left on a grey background"
+    assert captions.plain_caption(spec, size=False, background=False) == "a red star on the left"
     two = SceneSpec(
         "white",
         (ShapeSpec("star", "red", "small", "left"), ShapeSpec("cross", "blue", "small", "right")),
     )
     with pytest.raises(ValueError, match="one-shape"):
-        scenes.plain_caption(two)
+        captions.plain_caption(two)
 
 
 def test_two_shape_captions_stay_short_and_complete():
@@ -161,9 +161,9 @@ def test_two_shape_captions_stay_short_and_complete():
             ShapeSpec("triangle", "orange", "large", "top"),
         ),
     )
-    canonical = scenes.canonical_caption(spec)
+    canonical = captions.canonical_caption(spec)
     assert len(canonical.encode()) <= scenes.MAX_CAPTION_BYTES
-    for text in scenes.paraphrases(spec):
+    for text in captions.paraphrases(spec):
         assert _mentions(text, "colour", "purple") and _mentions(text, "colour", "orange")
 
 
@@ -209,7 +209,7 @@ class _IndexTokenizer:
 
     def __init__(self) -> None:
         specs = scenes.enumerate_specs(held_out=None)
-        self.index = {scenes.canonical_caption(s): i for i, s in enumerate(specs)}
+        self.index = {captions.canonical_caption(s): i for i, s in enumerate(specs)}
 
     def __call__(self, texts, **kwargs):
         return SimpleNamespace(input_ids=torch.tensor([[self.index[t]] for t in texts]))
@@ -219,5 +219,5 @@ def test_read_attributes_reads_the_best_matching_caption():
     specs = scenes.enumerate_specs(held_out=None)
     model = _OneHotCLIP(len(specs))
     model.image_targets = [0, 17, 345, len(specs) - 1]
-    readings = scenes.read_attributes(model, _IndexTokenizer(), torch.rand(4, 3, 64, 64))
+    readings = reading.read_attributes(model, _IndexTokenizer(), torch.rand(4, 3, 64, 64))
     assert readings == [specs[i].attributes() for i in (0, 17, 345, len(specs) - 1)]

@@ -60,7 +60,7 @@ def test_corrupt_shipped_weights_are_refused(tmp_path):
     ],
 )
 def test_it_draws_what_the_prompt_says(shapes, reader, prompt, expected):
-    from fragjobs.builtin.scenes import read_attributes
+    from fragjobs.builtin.reading import read_attributes
 
     gen = GenerationConfig(steps=20, guidance_scale=6.0, height=64, width=64, batch_size=4)
     images = generate_images(shapes.pipe, prompt, [0, 1, 2, 3], gen)
