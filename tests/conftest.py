@@ -20,6 +20,17 @@ import torch
 
 from fragjobs.config import Settings, get_settings
 
+BENCH_SMALL = {
+    "threshold": 0.75,
+    "fidelity": 0.9,
+    "steps": 4,
+    "size": None,
+    "batch_size": 2,
+    "repeats": 2,
+    "log": lambda _line: None,
+}
+"""``bench_model`` settings of the quick benchmark tests: 4 steps, batch 2, two repeats."""
+
 
 @pytest.fixture(autouse=True)
 def _quiet_libraries():

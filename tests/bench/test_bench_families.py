@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from conftest import BENCH_SMALL
 
 from fragjobs.bench.denoisers import is_unet
 from fragjobs.bench.diffusers_cache import RUN_HOOK, UNET_BLOCKS, transformer_models
@@ -55,18 +56,12 @@ def _installed(module: str) -> bool:
 
 def _bench(model: str, methods: tuple[str, ...], tmp_path, **overrides):
     arguments = {
-        "threshold": 0.75,
-        "fidelity": 0.9,
-        "steps": 4,
-        "size": None,
-        "batch_size": 2,
-        "repeats": 2,
+        **BENCH_SMALL,
         "prompt": PROMPT,
         "methods": methods,
         "profile_seeds": (0, 1),
         "fragments_dir": tmp_path,
         "memory": False,
-        "log": lambda _line: None,
         **overrides,
     }
     return bench_model(model, **arguments)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import BENCH_SMALL
 
 from fragjobs.bench.speed import bench_model
 from fragjobs.bench.speed_report import markdown_table
@@ -12,21 +13,9 @@ from fragjobs.errors import InvalidInputError
 
 
 def _bench(methods, **options):
-    """bench_model on tiny-sd at 4 steps, batch 2, two repeats (``options`` override)."""
+    """bench_model on tiny-sd with conftest's BENCH_SMALL (``options`` override)."""
     return bench_model(
-        "tiny-sd",
-        **{
-            "threshold": 0.75,
-            "fidelity": 0.9,
-            "steps": 4,
-            "size": None,
-            "batch_size": 2,
-            "repeats": 2,
-            "prompt": "a dog on a jet ski",
-            "methods": methods,
-            "log": lambda _line: None,
-            **options,
-        },
+        "tiny-sd", **{**BENCH_SMALL, "prompt": "a dog on a jet ski", "methods": methods, **options}
     )
 
 
