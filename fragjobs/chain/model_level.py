@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ from fragjobs.base_models import LoadedBase
 from fragjobs.chain.bases import base
 from fragjobs.chain.extract_step import store_fragment
 from fragjobs.chain.fragments import warm_fragment_unet
-from fragjobs.chain.full_images import FullImageSpec, full_model_images
+from fragjobs.chain.full_images import FullImageSpec
+from fragjobs.chain.gate_images import gate_images
 from fragjobs.chain.knobs import ChainKnobs
 from fragjobs.chain.locks import write_lock
 from fragjobs.chain.profile_step import profile, profile_config_of, profile_id_of
@@ -52,8 +53,10 @@ from fragjobs.chain.validate_step import (
     validate,
 )
 from fragjobs.chain.workspaces import Workspace
+from fragjobs.extraction.fragment import ExtractionConfig
+from fragjobs.extraction.int8_exec import FLOAT_ONCE, choose_int8_execution
 from fragjobs.extraction.shared_schedule import extract_model_level_fragment
-from fragjobs.generation import generate_images, with_unet
+from fragjobs.families import denoiser
 from fragjobs.keys import make_fragment_key, normalise_prompt, params_hash
 from fragjobs.validation import load_thresholds
 
@@ -102,6 +105,8 @@ class PromptGate:
     full_s: float
     """Of ``elapsed_s``, the seconds that made the full model's images (delivered)."""
     reason: str | None
+    shared_steps: int = 0
+    """Steps the full model's images and the fragment's computed once for both."""
 
 
 def calibration_prompts(ws: Workspace, loaded: LoadedBase, base_model_id: int) -> list[str]:
@@ -180,7 +185,7 @@ def model_level_fragment(ws: Workspace, knobs: ChainKnobs, *, progress: bool = F
             )
             for p in prompts
         ]
-        config = knobs.extraction_config()
+        config = _extraction_config(knobs, loaded)
         first = profiles[0]
         params = {
             **config.params(first.profile),
@@ -233,24 +238,11 @@ def gate_for_prompt(
     gen = generation_config(manifest, batch_size=len(seeds))
     own = profile_config_of(loaded.info, knobs.profile_seeds, knobs.steps)
     kept_id = profile_id_of(loaded.info, prompt, own)  # the prompt's own chain's profile id
-    full, _ = full_model_images(
-        ws,
-        loaded.pipe,
-        kept_id,
-        FullImageSpec.of(loaded.info.sha256, prompt, gen),
-        seeds,
-        gen,
-        progress=progress,
+    spec = FullImageSpec.of(loaded.info.sha256, prompt, gen)
+    images = gate_images(
+        ws, loaded.pipe, unet, manifest, kept_id, spec, seeds, gen, progress=progress
     )
-    full_s = time.perf_counter() - started
-    frag = generate_images(
-        with_unet(loaded.pipe, unet),
-        prompt,
-        seeds,
-        gen,
-        progress=progress,
-        desc="gate: model-level fragment",
-    )
+    full, frag = images.full, images.fragment
     metrics = quality(ws, loaded, full, frag, prompt)
     gate, layer = judge(metrics, thresholds, seeds)
     ws.catalog.add_validation(
@@ -266,14 +258,15 @@ def gate_for_prompt(
         frag,
         kept_id,
         elapsed_s=time.perf_counter() - started,
-        full_s=full_s,
+        full_s=images.full_s,
         reason=None if gate.passed else gate_reason(gate),
+        shared_steps=images.shared_steps,
     )
 
 
 def _settings_signature(knobs: ChainKnobs, loaded: LoadedBase) -> dict[str, Any]:
     """What a model-level fragment must share with the run to be used for it."""
-    config = knobs.extraction_config()
+    config = _extraction_config(knobs, loaded)
     signature = {
         "caching": config.caching.params() if config.caching else None,
         "int8": asdict(config.int8) if config.int8 else None,
@@ -283,6 +276,21 @@ def _settings_signature(knobs: ChainKnobs, loaded: LoadedBase) -> dict[str, Any]
         "calibration": CALIBRATION_RULE,
     }
     return json.loads(json.dumps(signature))  # as the catalog gives it back (lists, not tuples)
+
+
+def _extraction_config(knobs: ChainKnobs, loaded: LoadedBase) -> ExtractionConfig:
+    """``knobs``' extraction config, without int8 where int8 layers would compute as float.
+
+    There (every device measured so far: :func:`choose_int8_execution`) int8 buys nothing
+    at run time: the layers are dequantised once at load, into copies of their own, so the
+    fragment is as fast, holds more memory and is further from the full model. Without
+    weight edits the fragment also computes its warm-up steps exactly as the full model
+    does, and its gate shares them (:mod:`fragjobs.chain.gate_images`).
+    """
+    config = knobs.extraction_config()
+    unet = denoiser(loaded.pipe)
+    mode, _ = choose_int8_execution(unet.device, unet.dtype)
+    return config if mode != FLOAT_ONCE else replace(config, int8=None)
 
 
 def _shared(row: Any) -> bool:
@@ -351,6 +359,7 @@ class SharedAttempt:
             "gate_s": None if gate is None else round(gate.elapsed_s, 4),
             "gate_full_model_s": None if gate is None else round(gate.full_s, 4),
             "gate_seeds": None if gate is None else gate.seeds,
+            "gate_shared_steps": None if gate is None else gate.shared_steps,
         }
 
 

@@ -8,20 +8,29 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fragjobs import chain
+from fragjobs.chain.fragments import warm_fragment_unet
+from fragjobs.chain.full_images import decode_in_batches
+from fragjobs.chain.gate_images import shared_warmup_steps
 from fragjobs.chain.knobs import ChainKnobs
 from fragjobs.chain.model_level import (
     CALIBRATION_PROMPTS,
     calibration_prompts,
+    gate_for_prompt,
     model_level_fragment,
 )
 from fragjobs.chain.profile_step import profile_config_of, profile_id_of
+from fragjobs.chain.stored import read_manifest
+from fragjobs.chain.validate_step import generation_config
 from fragjobs.errors import InvalidInputError
 from fragjobs.extraction import BlockCachingConfig
 from fragjobs.extraction.fidelity import profiling_generation, reference_images, seed_ssim
 from fragjobs.extraction.shared_schedule import search_shared_schedule
 from fragjobs.families import denoiser
+from fragjobs.generation import generate_images, with_unet
+from fragjobs.generation.generate import generate_latents
 
 MODEL = "tiny-sd"
 SMALL = {
@@ -65,8 +74,6 @@ def test_a_prompt_the_model_level_fragment_passes_is_not_profiled(ws, tmp_path, 
     level = summary["model_level"]
     # reuse (H3) is measured for this prompt, and not written into the shared manifest
     assert summary["hypotheses"]["H3"]["values"]["pass_rate"] is not None
-    from fragjobs.chain.stored import read_manifest
-
     assert read_manifest(ws, ws.catalog.get_fragment(report.key)).reuse.paraphrases == []
     assert level["used"] and level["key"] == report.key and level["built_s"] > 0
     assert len(level["calibration_prompts"]) == CALIBRATION_PROMPTS
@@ -111,6 +118,33 @@ def test_the_second_prompt_reuses_it_and_pays_only_its_gate(ws, tmp_path, gate):
     perf = second.summary["performance"]
     assert perf["extract_s"] == 0.0 and perf["chain_s"] == pytest.approx(level["gate_s"], abs=1e-3)
     assert level["gate_full_model_s"] < level["gate_s"]
+
+
+def test_its_gate_computes_the_warm_up_steps_once_for_both_models(ws, gate):
+    gate(passing=True)
+    knobs = ChainKnobs.from_settings(ws.settings, **SMALL)
+    level = model_level_fragment(ws, knobs)
+    manifest = read_manifest(ws, ws.catalog.get_fragment(level.key))
+    # int8 would compute as float on this CPU: left out, so no weight differs from the base
+    assert manifest.compression.int8 is None
+    shared = shared_warmup_steps(manifest)
+    assert 1 <= shared == manifest.dynamic_routing.warmup_steps < SMALL["steps"]
+    checked = gate_for_prompt(ws, level.key, "a blue square at the top", knobs)
+    assert checked.shared_steps == shared
+    # the delivered full-model images are exactly the full model's own, from seed to image
+    loaded = chain.base(MODEL, ws.settings)
+    gen = generation_config(manifest, batch_size=len(checked.seeds))
+    own = generate_latents(loaded.pipe, "a blue square at the top", checked.seeds, gen)
+    assert torch.equal(checked.full_images, decode_in_batches(loaded.pipe, own, gen.batch_size))
+    # and the fragment's are its own, as generation makes them
+    _, unet = warm_fragment_unet(ws, loaded, ws.catalog.get_fragment(level.key))
+    frag = generate_images(
+        with_unet(loaded.pipe, unet), "a blue square at the top", checked.seeds, gen
+    )
+    assert torch.equal(frag, checked.fragment_images)
+    # a second gate finds the full model's images kept and shares nothing
+    again = gate_for_prompt(ws, level.key, "a blue square at the top", knobs)
+    assert again.shared_steps == 0 and torch.equal(again.full_images, checked.full_images)
 
 
 def test_a_failed_gate_falls_back_to_the_prompts_own_chain(ws, tmp_path, gate):
