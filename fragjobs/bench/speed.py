@@ -193,12 +193,10 @@ def bench_model(
                 rows.append({"method": name, "unavailable": str(exc)})
                 continue
             fragment_pipe = with_unet(pipe, unet)
-            extra["gate_s"] = round(
-                model_level_row.gate_seconds(
-                    pipe, fragment_pipe, prompt, eval_seeds[: model_level_row.GATE_SEEDS], gen
-                ),
-                3,
+            gate_s, extra["gate_shared_steps"] = model_level_row.gate_seconds(
+                pipe, fragment, fragment_pipe, prompt, eval_seeds[: model_level_row.GATE_SEEDS], gen
             )
+            extra["gate_s"] = round(gate_s, 3)
             if fragments_dir is not None:
                 save_fragment(fragment, fragments_dir / name)
                 extra["fragment_dir"] = str(fragments_dir / name)

@@ -54,7 +54,7 @@ from fragjobs.chain.validate_step import (
 )
 from fragjobs.chain.workspaces import Workspace
 from fragjobs.extraction.fragment import ExtractionConfig
-from fragjobs.extraction.int8_exec import FLOAT_ONCE, choose_int8_execution
+from fragjobs.extraction.int8_exec import int8_computes_as_float
 from fragjobs.extraction.shared_schedule import extract_model_level_fragment
 from fragjobs.families import denoiser
 from fragjobs.keys import make_fragment_key, normalise_prompt, params_hash
@@ -281,16 +281,16 @@ def _settings_signature(knobs: ChainKnobs, loaded: LoadedBase) -> dict[str, Any]
 def _extraction_config(knobs: ChainKnobs, loaded: LoadedBase) -> ExtractionConfig:
     """``knobs``' extraction config, without int8 where int8 layers would compute as float.
 
-    There (every device measured so far: :func:`choose_int8_execution`) int8 buys nothing
-    at run time: the layers are dequantised once at load, into copies of their own, so the
-    fragment is as fast, holds more memory and is further from the full model. Without
-    weight edits the fragment also computes its warm-up steps exactly as the full model
-    does, and its gate shares them (:mod:`fragjobs.chain.gate_images`).
+    There (every device measured so far, see
+    :func:`~fragjobs.extraction.int8_exec.int8_computes_as_float`) int8 buys nothing at run
+    time: the layers are dequantised once at load, into copies of their own, so the fragment
+    is as fast, holds more memory and is further from the full model. Without weight edits
+    the fragment also computes its warm-up steps exactly as the full model does, and its
+    gate shares them (:mod:`fragjobs.chain.gate_images`).
     """
     config = knobs.extraction_config()
-    unet = denoiser(loaded.pipe)
-    mode, _ = choose_int8_execution(unet.device, unet.dtype)
-    return config if mode != FLOAT_ONCE else replace(config, int8=None)
+    as_float = int8_computes_as_float(denoiser(loaded.pipe))
+    return replace(config, int8=None) if as_float else config
 
 
 def _shared(row: Any) -> bool:

@@ -127,6 +127,13 @@ def choose_int8_execution(device: torch.device | str, dtype: torch.dtype) -> tup
     return INT_MM, f"torch._int_mm measured faster than float on {device.type}"
 
 
+def int8_computes_as_float(module: nn.Module) -> bool:
+    """Whether int8 layers of ``module`` (by its first parameter's device and dtype) would
+    compute as float under ``"auto"``: dequantised once at load, no faster than float."""
+    param = next(module.parameters())
+    return choose_int8_execution(param.device, param.dtype)[0] == FLOAT_ONCE
+
+
 class Int8DynamicLinear(nn.Module):
     """A Linear computed by torch's ``quantized::linear_dynamic`` (fbgemm/x86, CPU float32).
 
