@@ -7,6 +7,11 @@ head pruning (on a trained model, pruning a few heads can flip one unseen seed's
 while every profiling seed keeps its SSIM), then with a caching schedule held to half the
 SSIM loss — each validated on the same seeds against the same full-model images (made
 once). The embedded run and the farm's validate task climb the same ladder.
+
+A prompt the base's model-level fragment failed (:mod:`fragjobs.chain.model_level`) starts
+higher (:func:`after_failed_model_level`): that fragment prunes no head and keeps its
+schedule's fidelity on every calibration prompt, so failing it marks the prompt's seeds as
+more sensitive than theirs, and the rungs less conservative than it are skipped.
 """
 
 from __future__ import annotations
@@ -82,6 +87,18 @@ def extract_and_validate(
             return ext, val, attempts
         log.warning("fragment %s failed the gate; extracting a more conservative one", ext.key)
         config, reference = following, val.full_images
+
+
+def after_failed_model_level(config: ExtractionConfig) -> ExtractionConfig:
+    """The first rung of a prompt the model-level fragment failed: ``config`` without head
+    pruning, its caching schedule allowed half the SSIM loss (``head_guard``: 0.9 → 0.95)."""
+    heads, caching = config.heads, config.caching
+    config = replace(
+        config, heads=HeadSelectionConfig(1.0, heads.min_heads_per_layer, heads.rank_margin)
+    )
+    if caching is None or caching.min_ssim >= 1.0:
+        return config
+    return replace(config, caching=replace(caching, min_ssim=head_guard(caching.min_ssim)))
 
 
 def conservative_config(

@@ -35,7 +35,7 @@ from fragjobs.base_models import LoadedBase
 from fragjobs.chain.fragments import fragment_unet, load_stored_fragment, record_performance
 from fragjobs.chain.generate_step import GenerationResult, generate
 from fragjobs.chain.knobs import ChainKnobs, variant_seeds
-from fragjobs.chain.ladder import extract_and_validate
+from fragjobs.chain.ladder import after_failed_model_level, extract_and_validate
 from fragjobs.chain.model_level import try_model_level
 from fragjobs.chain.profile_step import profile
 from fragjobs.chain.reuse import measure_reuse
@@ -141,10 +141,13 @@ def run(
             progress=progress,
         )
         t1 = time.perf_counter()
+        config = knobs.extraction_config()
+        if shared is not None and shared.gate is not None:  # it failed this prompt's gate
+            config = after_failed_model_level(config)
         with _working("extract + validate (gate ladder)", progress):
             ext, val, attempts = extract_and_validate(
                 prof.profile_id,
-                knobs.extraction_config(),
+                config,
                 seeds=knobs.validation_seeds,
                 ws=ws,
                 model=model,

@@ -14,7 +14,7 @@ from fragjobs import chain
 from fragjobs.chain.fragments import warm_fragment_unet
 from fragjobs.chain.full_images import decode_in_batches
 from fragjobs.chain.gate_images import shared_warmup_steps
-from fragjobs.chain.knobs import ChainKnobs
+from fragjobs.chain.knobs import ChainKnobs, head_guard
 from fragjobs.chain.model_level import (
     CALIBRATION_PROMPTS,
     calibration_prompts,
@@ -156,6 +156,11 @@ def test_a_failed_gate_falls_back_to_the_prompts_own_chain(ws, tmp_path, gate):
     first, last = attempts[0], attempts[-1]
     assert first["model_level"] and not first["passed"] and "ssim" in first["gate_reason"]
     assert last["key"] != first["key"] and not last.get("model_level")
+    # its own ladder starts where the model-level fragment stood: no head pruning, and a
+    # schedule allowed half the SSIM loss of the run's fidelity
+    own = attempts[1]
+    assert own["heads_kept"] == own["heads_total"]
+    assert own["caching_min_ssim"] == head_guard(ChainKnobs.from_settings(ws.settings).fidelity)
     level = report.summary["model_level"]
     assert not level["used"] and level["reason"] == first["gate_reason"]
     # the model-level fragment stays ready: one prompt's verdict is not its status
