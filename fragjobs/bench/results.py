@@ -312,9 +312,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         *_model_level_lines(results.get("model_level")),
         "`heads kept`: of the last fragment validated; `(n)` when it is the n-th: earlier ones",
         "failed the gate and a more conservative one was extracted (the model-level fragment",
-        "first, then the prompt's own: no head pruning, then a caching schedule allowed half",
-        "the SSIM loss); `model-level`: the base's model-level fragment passed this prompt's",
-        "gate and made its variants (the prompt was not profiled).",
+        "first, then the prompt's own, starting without head pruning and with a caching schedule",
+        "allowed half the SSIM loss, each next one half again); `model-level`: the base's",
+        "model-level fragment passed this prompt's gate and made its variants (the prompt was",
+        "not profiled).",
         "",
         "| # | prompt | gate | heads kept | H1 (SSIM, CLIP Δ, LPIPS) | H2 (memory reduction) | "
         "H3 (reuse pass rate) | H4 (speed-up) | H5 (break-even variants) |",
