@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,18 +103,32 @@ def _pipeline_batches(
     with tqdm(total=len(seeds), desc=desc, disable=not progress, unit="img") as bar:
         for start in range(0, len(seeds), config.batch_size):
             batch = seeds[start : start + config.batch_size]
-            yield pipe(
-                prompt,
-                num_inference_steps=config.steps,
-                guidance_scale=config.guidance_scale,
-                height=config.height,
-                width=config.width,
-                num_images_per_prompt=len(batch),
-                generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
-                output_type=output_type,
-                **family_of(pipe).call_kwargs,
-            ).images
+            yield pipeline_call(pipe, prompt, batch, config, output_type)
             bar.update(len(batch))
+
+
+def pipeline_call(
+    pipe: Any,
+    prompt: str,
+    batch: Sequence[int],
+    config: GenerationConfig,
+    output_type: str,
+    **extra,
+) -> Any:
+    """One pipeline call for the seeds of ``batch`` (each from its own generator); ``extra``
+    goes to the pipeline (``latents``, ``callback_on_step_end``). Returns its ``images``."""
+    return pipe(
+        prompt,
+        num_inference_steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        height=config.height,
+        width=config.width,
+        num_images_per_prompt=len(batch),
+        generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
+        output_type=output_type,
+        **family_of(pipe).call_kwargs,
+        **extra,
+    ).images
 
 
 @torch.no_grad()

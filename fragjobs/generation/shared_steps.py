@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from fragjobs.errors import InvalidInputError
-from fragjobs.families import family_of
-from fragjobs.generation.generate import GenerationConfig
+from fragjobs.generation.generate import GenerationConfig, pipeline_call
 from fragjobs.keys import check_seeds, normalise_prompt
 
 _DETERMINISTIC = {
@@ -85,7 +84,7 @@ def generate_with_snapshots(
                 taken.append(Snapshot(batch, shared_steps, latents, scheduler))
             return kwargs
 
-        out = _call(pipe, prompt, batch, config, "pt", callback_on_step_end=keep)
+        out = pipeline_call(pipe, prompt, batch, config, "pt", callback_on_step_end=keep)
         images.append(out.float().cpu().clamp(0, 1))
         snapshots.extend(taken)
     return torch.cat(images), snapshots
@@ -112,7 +111,7 @@ def resume_latents(
         # not setattr: a pipeline registers an assigned component in its config
         object.__setattr__(resumed, "scheduler", _Resumed(copy.deepcopy(snap.scheduler), snap.step))
         resumed.set_progress_bar_config(disable=True)
-        out = _call(resumed, prompt, snap.seeds, config, "latent", latents=snap.latents)
+        out = pipeline_call(resumed, prompt, snap.seeds, config, "latent", latents=snap.latents)
         parts.append(out.detach().float().cpu())
     return torch.cat(parts)
 
@@ -152,20 +151,3 @@ def _check(pipe: Any, shared_steps: int, config: GenerationConfig) -> None:
             f"a run with a {type(pipe.scheduler).__name__} cannot be resumed exactly: "
             "its steps draw noise"
         )
-
-
-def _call(
-    pipe: Any, prompt: str, batch: tuple[int, ...], config: GenerationConfig, output: str, **extra
-) -> torch.Tensor:
-    return pipe(
-        prompt,
-        num_inference_steps=config.steps,
-        guidance_scale=config.guidance_scale,
-        height=config.height,
-        width=config.width,
-        num_images_per_prompt=len(batch),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
-        output_type=output,
-        **family_of(pipe).call_kwargs,
-        **extra,
-    ).images
