@@ -76,16 +76,12 @@ def gate_seconds(
     """Seconds of the chain's gate on ``seeds`` (full model, fragment, then the metrics), and
     the warm-up steps the two computed once."""
     from fragjobs.chain.full_images import decode_in_batches
-    from fragjobs.chain.gate_images import shared_warmup_steps
+    from fragjobs.chain.gate_images import steps_to_share
     from fragjobs.generation import generate_images
-    from fragjobs.generation.shared_steps import (
-        generate_with_snapshots,
-        resumable,
-        resume_latents,
-    )
+    from fragjobs.generation.shared_steps import generate_with_snapshots, resume_latents
     from fragjobs.validation import compute_quality
 
-    shared = shared_warmup_steps(fragment.manifest) if resumable(pipe) else 0
+    shared = steps_to_share(pipe, fragment.manifest, gen)
     started = time.perf_counter()
     if shared:
         images, snapshots = generate_with_snapshots(

@@ -135,13 +135,18 @@ def full_model_images(
     gen: GenerationConfig,
     *,
     progress: bool = False,
+    kept: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """The full model's images of ``seeds``: kept ones decoded, the others generated and kept.
+
+    Args:
+        kept: what :func:`stored_full_latents` returned for these seeds, when the caller
+            looked it up already (not read again).
 
     Returns:
         The images (N, 3, H, W) in the order of ``seeds``, and the seeds generated now.
     """
-    kept = stored_full_latents(ws, profile_id, spec, seeds)
+    kept = dict(stored_full_latents(ws, profile_id, spec, seeds) if kept is None else kept)
     missing = [s for s in seeds if s not in kept]
     if missing:
         made = full_model_latents(

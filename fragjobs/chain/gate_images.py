@@ -66,6 +66,15 @@ def shared_warmup_steps(manifest: FragmentManifest) -> int:
     return min(steps, schedule.steps - 1)
 
 
+def steps_to_share(pipe: Any, manifest: FragmentManifest, gen: GenerationConfig) -> int:
+    """The warm-up steps a gate on ``pipe`` with ``gen`` can compute once for both models:
+    :func:`shared_warmup_steps` when the schedule is for ``gen``'s steps and ``pipe``'s
+    scheduler can be resumed exactly, else 0."""
+    shared = shared_warmup_steps(manifest)
+    same_steps = gen.steps == manifest.dynamic_routing.steps
+    return shared if shared and same_steps and resumable(pipe) else 0
+
+
 def gate_images(
     ws: Any,
     pipe: Any,
@@ -82,9 +91,9 @@ def gate_images(
     when missing) and the fragment's (``unet`` in ``pipe``), sharing the warm-up steps when
     both are to be generated (module docstring)."""
     frag_pipe = with_unet(pipe, unet)
-    shared = shared_warmup_steps(manifest)
-    fresh = shared and gen.steps == manifest.dynamic_routing.steps and resumable(pipe)
-    if fresh and not stored_full_latents(ws, profile_id, spec, seeds):
+    shared = steps_to_share(pipe, manifest, gen)
+    kept = stored_full_latents(ws, profile_id, spec, seeds)
+    if shared and not kept:
         fragment, snapshots = generate_with_snapshots(
             frag_pipe, spec.prompt, seeds, gen, shared_steps=shared
         )
@@ -94,7 +103,9 @@ def gate_images(
         full = decode_in_batches(pipe, latents, gen.batch_size)
         return GateImages(full, fragment, time.perf_counter() - started, shared)
     started = time.perf_counter()
-    full, _ = full_model_images(ws, pipe, profile_id, spec, seeds, gen, progress=progress)
+    full, _ = full_model_images(
+        ws, pipe, profile_id, spec, seeds, gen, progress=progress, kept=kept
+    )
     full_s = time.perf_counter() - started
     fragment = generate_images(
         frag_pipe, spec.prompt, seeds, gen, progress=progress, desc="gate: fragment"
