@@ -234,6 +234,25 @@ def test_clip_scores_differ_for_different_images(tiny_clip_dir: Path) -> None:
     assert metrics.clip_delta == pytest.approx(metrics.clip_full - metrics.clip_fragment)
 
 
+def test_clip_scores_are_torchmetrics_clip_score_of_each_image(tiny_clip_dir: Path) -> None:
+    from torchmetrics.multimodal import CLIPScore
+
+    from fragjobs.validation.metrics import _clip_of, to_uint8
+
+    full, fragment = smooth_images(seed=0), smooth_images(seed=5)
+    metrics = compute_quality(full, fragment, PROMPT, clip_model_path=tiny_clip_dir)
+    metric = CLIPScore(model_name_or_path=lambda: _clip_of(tiny_clip_dir))
+    one_at_a_time = []
+    for image in to_uint8(torch.cat([full, fragment])):
+        metric.reset()
+        metric.update([image], [PROMPT])
+        one_at_a_time.append(float(metric.compute()) / 100.0)
+    half = len(full)
+    assert metrics.clip_full == pytest.approx(sum(one_at_a_time[:half]) / half, abs=1e-5)
+    deltas = [f - g for f, g in zip(one_at_a_time[:half], one_at_a_time[half:], strict=True)]
+    assert metrics.clip_delta_per_image == pytest.approx(deltas, abs=1e-5)
+
+
 def test_unloadable_clip_folder_is_a_config_error(tmp_path: Path) -> None:
     images = smooth_images(n=1)
     with pytest.raises(ConfigError, match="not a folder"):
