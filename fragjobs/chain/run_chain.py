@@ -44,7 +44,12 @@ from fragjobs.chain.validate_step import fragment_base, generation_config
 from fragjobs.chain.workspaces import Workspace, workspace
 from fragjobs.errors import FragjobsError, InvalidInputError
 from fragjobs.families import denoiser
-from fragjobs.generation import GenerationConfig, latency_samples_ms, memory_report, with_unet
+from fragjobs.generation import (
+    GenerationConfig,
+    interleaved_latency_ms,
+    memory_report,
+    with_unet,
+)
 from fragjobs.generation.memory_probe import measure as probe_memory
 from fragjobs.generation.memory_probe import peak_figure
 from fragjobs.keys import (
@@ -94,7 +99,8 @@ def run(
     do; whatever is not given comes from the settings. ``out_dir`` is the reports root
     (default ``<data dir>/reports``): the run writes a new ``YYYY-MM-DD_HHMM[-n]/`` folder
     in it (:mod:`fragjobs.reports.builder` lists its files). H4 and H5 use timings measured
-    in this run (full vs fragment, same steps, same batch, warm); H2 uses the peak memory of
+    in this run (full vs fragment, same steps, same batch, warm, timed in interleaved rounds:
+    :func:`~fragjobs.generation.interleaved_latency_ms`); H2 uses the peak memory of
     one batch, each model in a fresh process (``measure_memory=False``: not measured, H2
     UNAVAILABLE).
 
@@ -173,16 +179,16 @@ def run(
     with _working(
         "measure latency: full model and each fragment", progress, len(attempts) + 1
     ) as bar:
-        full_ms = latency_samples_ms(loaded.pipe, prompt, gen)
-        bar.update(1)
-        frag_ms = latency_samples_ms(with_unet(loaded.pipe, frag_unet), prompt, gen)
-        bar.update(1)
+        full_ms, frag_ms = interleaved_latency_ms(
+            [loaded.pipe, with_unet(loaded.pipe, frag_unet)], prompt, gen
+        )
+        bar.update(2)
         for attempt in attempts[:-1]:
             if attempt.get("model_level"):  # failed on this prompt: not measured
                 attempt["speedup"] = None
                 bar.update(1)
                 continue
-            attempt["speedup"] = _speedup_of(ws, loaded, attempt["key"], prompt, gen, full_ms)
+            attempt["speedup"] = _speedup_of(ws, loaded, attempt["key"], prompt, gen)
             bar.update(1)
     latency_full, latency_frag = statistics.median(full_ms), statistics.median(frag_ms)
     attempts[-1]["speedup"] = round(latency_full / latency_frag, 4)
@@ -323,11 +329,13 @@ def delivery_summary(result: GenerationResult, knobs: ChainKnobs) -> dict[str, A
 
 
 def _speedup_of(
-    ws: Workspace, loaded: LoadedBase, key: str, prompt: str, gen: GenerationConfig, full_ms
+    ws: Workspace, loaded: LoadedBase, key: str, prompt: str, gen: GenerationConfig
 ) -> float:
-    """Measured speed-up of another fragment of the ladder against the same full latency."""
+    """Measured speed-up of another fragment of the ladder, interleaved with the full model."""
     unet = fragment_unet(loaded, load_stored_fragment(key, ws))
-    frag_ms = latency_samples_ms(with_unet(loaded.pipe, unet), prompt, gen)
+    full_ms, frag_ms = interleaved_latency_ms(
+        [loaded.pipe, with_unet(loaded.pipe, unet)], prompt, gen
+    )
     return round(statistics.median(full_ms) / statistics.median(frag_ms), 4)
 
 

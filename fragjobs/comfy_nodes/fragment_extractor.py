@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import statistics
 from typing import Any
 
 from fragjobs.comfy_nodes.handles import FRAGMENT_TYPE, PROFILE_TYPE, FragmentMetadata
@@ -152,7 +153,7 @@ def measure_fragment_speedup(key: str, ws: Any) -> float:
 
     from fragjobs import chain
     from fragjobs.chain.validate_step import generation_config
-    from fragjobs.generation import measure_latency_ms, with_unet
+    from fragjobs.generation import interleaved_latency_ms, with_unet
     from fragjobs.manifest import PerformanceLayer
 
     row = ws.catalog.get_fragment(key)
@@ -160,8 +161,10 @@ def measure_fragment_speedup(key: str, ws: Any) -> float:
     manifest, unet = chain.warm_fragment_unet(ws, loaded, row)
     gen = generation_config(manifest, batch_size=1)
     prompt = manifest.profiling.prompt
-    full_ms = measure_latency_ms(loaded.pipe, prompt, gen)
-    fragment_ms = measure_latency_ms(with_unet(loaded.pipe, unet), prompt, gen)
+    full, fragment = interleaved_latency_ms(
+        [loaded.pipe, with_unet(loaded.pipe, unet)], prompt, gen
+    )
+    full_ms, fragment_ms = statistics.median(full), statistics.median(fragment)
     device = loaded.pipe.device
     where = (
         torch.cuda.get_device_name(device)

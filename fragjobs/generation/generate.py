@@ -7,7 +7,6 @@ same image whatever batch it falls in (up to float rounding of batched kernels).
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fragjobs.errors import InvalidInputError
 from fragjobs.families import family_of
 from fragjobs.keys import check_int, check_seeds, normalise_prompt
 
@@ -143,30 +143,33 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     return images.float().cpu().clamp(0, 1)
 
 
-def measure_latency_ms(
-    pipe: Any, prompt: str, config: GenerationConfig, *, repeats: int = 3, seed: int = 0
-) -> float:
-    """Median per-image latency (ms) of one warm batch of ``config.batch_size`` images.
+def interleaved_latency_ms(
+    pipes: list[Any], prompt: str, config: GenerationConfig, *, repeats: int = 5, seed: int = 0
+) -> list[list[float]]:
+    """Per-image latency (ms) of ``repeats`` warm batches of each of ``pipes``, timed in
+    interleaved rounds: after one untimed warm-up batch of each, every round times one batch
+    of each pipe in turn, the order rotating each round, so that a shared machine's drift
+    hits every pipe alike (a ratio of two blocks timed one after the other takes the drift
+    between them). One list of samples per pipe, in ``pipes``' order.
 
-    One untimed warm-up batch runs first; CUDA is synchronised around each timed batch.
+    Raises:
+        InvalidInputError: no pipe, or ``repeats`` below 1.
     """
-    return statistics.median(latency_samples_ms(pipe, prompt, config, repeats=repeats, seed=seed))
-
-
-def latency_samples_ms(
-    pipe: Any, prompt: str, config: GenerationConfig, *, repeats: int = 3, seed: int = 0
-) -> list[float]:
-    """Per-image latency (ms) of each of ``repeats`` warm batches (after one untimed warm-up
-    batch; CUDA synchronised around each timed batch): the spread beside the median."""
+    if not pipes:
+        raise InvalidInputError("interleaved latency needs at least one pipeline")
+    check_int(repeats, "repeats", minimum=1)
     seeds = list(range(seed, seed + config.batch_size))
-    generate_images(pipe, prompt, seeds, config)
-    timings = []
-    for _ in range(repeats):
-        sync_device()
-        started = time.perf_counter()
+    for pipe in pipes:
         generate_images(pipe, prompt, seeds, config)
-        sync_device()
-        timings.append((time.perf_counter() - started) * 1000 / config.batch_size)
+    timings: list[list[float]] = [[] for _ in pipes]
+    for round_ in range(repeats):
+        for offset in range(len(pipes)):
+            index = (round_ + offset) % len(pipes)
+            sync_device()
+            started = time.perf_counter()
+            generate_images(pipes[index], prompt, seeds, config)
+            sync_device()
+            timings[index].append((time.perf_counter() - started) * 1000 / config.batch_size)
     return timings
 
 

@@ -271,8 +271,9 @@ def _h4_speed(
     speedup = None if full is None or fragment is None else full / fragment
     hypothesis = {
         "name": "batch speed-up",
-        "claim": "Per-image latency, same steps, same batch, warm, measured in this run, of a "
-        "fragment that passed its quality gate: full / fragment >= batch_speedup_min.",
+        "claim": "Per-image latency, same steps, same batch, warm, measured in this run (the "
+        "median of each model's batches, timed in interleaved rounds), of a fragment that "
+        "passed its quality gate: full / fragment >= batch_speedup_min.",
         "values": {
             "latency_full_ms": full,
             "latency_fragment_ms": fragment,

@@ -196,3 +196,15 @@ def test_link_into_a_comfyui_folder(tmp_path):
         link_into_comfyui(tmp_path / "ComfyUI", name="..")
     with pytest.raises(InvalidInputError, match="not a ComfyUI folder"):
         link_into_comfyui(tmp_path)
+
+
+def test_the_extractors_speed_up_is_measured_and_recorded(library, ready_fragment_template):
+    from fragjobs.comfy_nodes.fragment_extractor import measure_fragment_speedup
+
+    key = ready_fragment_template.key
+    speedup = measure_fragment_speedup(key, library)
+    performance = chain.load_stored_fragment(key, library).manifest.performance
+    assert speedup > 0
+    assert performance.measured_speedup == pytest.approx(speedup, rel=1e-3)
+    ratio = performance.measured_latency_full_ms / performance.measured_latency_fragment_ms
+    assert ratio == pytest.approx(speedup, rel=1e-3)
