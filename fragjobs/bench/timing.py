@@ -63,7 +63,7 @@ def time_interleaved(rows, runners, prompt: str, gen: Any, repeats: int) -> None
     """
     import torch
 
-    from fragjobs.generation import generate_images, sync_device
+    from fragjobs.generation import batch_latency_ms, generate_images
 
     seeds = list(range(gen.batch_size))
     timings: dict[str, list[float]] = {row["method"]: [] for row in rows}
@@ -83,10 +83,6 @@ def time_interleaved(rows, runners, prompt: str, gen: Any, repeats: int) -> None
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             with runners[name]() as pipe:
-                sync_device()
-                started = time.perf_counter()
-                generate_images(pipe, prompt, seeds, gen)
-                sync_device()
-                timings[name].append((time.perf_counter() - started) * 1000 / gen.batch_size)
+                timings[name].append(batch_latency_ms(pipe, prompt, seeds, gen))
     for row in rows:
         row.update(spread(timings[row["method"]]))

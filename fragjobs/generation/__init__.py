@@ -8,6 +8,7 @@ from fragjobs.generation.budget import (
 )
 from fragjobs.generation.generate import (
     GenerationConfig,
+    batch_latency_ms,
     decode_latents,
     generate_images,
     interleaved_latency_ms,
@@ -25,6 +26,7 @@ __all__ = [
     "BudgetedGeneration",
     "GenerationConfig",
     "MemoryBudget",
+    "batch_latency_ms",
     "check_budget_mb",
     "choose_batch_size",
     "decode_latents",

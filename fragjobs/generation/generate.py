@@ -165,12 +165,17 @@ def interleaved_latency_ms(
     for round_ in range(repeats):
         for offset in range(len(pipes)):
             index = (round_ + offset) % len(pipes)
-            sync_device()
-            started = time.perf_counter()
-            generate_images(pipes[index], prompt, seeds, config)
-            sync_device()
-            timings[index].append((time.perf_counter() - started) * 1000 / config.batch_size)
+            timings[index].append(batch_latency_ms(pipes[index], prompt, seeds, config))
     return timings
+
+
+def batch_latency_ms(pipe: Any, prompt: str, seeds: list[int], config: GenerationConfig) -> float:
+    """Per-image latency (ms) of one batch of ``seeds``, CUDA synchronised around it."""
+    sync_device()
+    started = time.perf_counter()
+    generate_images(pipe, prompt, seeds, config)
+    sync_device()
+    return (time.perf_counter() - started) * 1000 / len(seeds)
 
 
 def sync_device() -> None:
