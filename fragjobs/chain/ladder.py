@@ -5,8 +5,9 @@ cannot see everything. A fragment that fails the gate is followed by the next ru
 :func:`conservative_config`, at most :data:`GATE_ATTEMPTS` fragments in all — first without
 head pruning (on a trained model, pruning a few heads can flip one unseen seed's layout
 while every profiling seed keeps its SSIM), then with a caching schedule held to half the
-SSIM loss — each validated on the same seeds against the same full-model images (made
-once). The embedded run and the farm's validate task climb the same ladder.
+SSIM loss, a longer warm-up and at least the failed schedule's recomputes — each validated
+on the same seeds against the same full-model images (made once). The embedded run and
+the farm's validate task climb the same ladder.
 
 A prompt the base's model-level fragment failed (:mod:`fragjobs.chain.model_level`) starts
 higher (:func:`after_failed_model_level`): that fragment prunes no head and keeps its
@@ -30,6 +31,12 @@ from fragjobs.manifest import FragmentManifest
 
 log = logging.getLogger("fragjobs")
 
+WARMUP_STEP = 0.1
+"""What a caching rung adds to the warm-up (fraction of the steps that always compute): on
+``a green triangle on the right over a black background`` every schedule with the first
+rung's four warm-up steps kept at most 0.97 SSIM on one profiling seed, costly ones too,
+so the second rung kept none (0.99x); with six it kept one the gate judged."""
+MAX_WARMUP = 0.5
 GATE_ATTEMPTS = 3
 """Fragments extracted at most for one run before it falls back to the full model."""
 
@@ -107,7 +114,11 @@ def conservative_config(
     """The next, more conservative config after ``manifest``'s fragment failed its gate.
 
     Heads were pruned: the same without head pruning. Else a caching schedule is in use:
-    one that may lose half as much SSIM (``head_guard``: 0.9 → 0.95). Else None.
+    one that may lose half as much SSIM (``head_guard``: 0.9 → 0.95), warms up for
+    :data:`WARMUP_STEP` more of the steps and recomputes every block at least where the
+    failed one did (its ``floor``): searched freely, a stricter rung can fail every trial on
+    a prompt whose fidelity is not monotone in the estimated cost and keep no schedule at
+    all (a fragment no faster than the full model). Else None.
     """
     if manifest.pruning.heads_kept < manifest.pruning.heads_total:
         heads = config.heads
@@ -115,7 +126,16 @@ def conservative_config(
             config,
             heads=HeadSelectionConfig(1.0, heads.min_heads_per_layer, heads.rank_margin),
         )
-    caching = config.caching
-    if manifest.dynamic_routing.enabled and caching is not None and caching.min_ssim < 1.0:
-        return replace(config, caching=replace(caching, min_ssim=head_guard(caching.min_ssim)))
+    caching, routing = config.caching, manifest.dynamic_routing
+    if routing.enabled and caching is not None and caching.min_ssim < 1.0:
+        floor = tuple((block, tuple(steps)) for block, steps in (routing.schedule or {}).items())
+        return replace(
+            config,
+            caching=replace(
+                caching,
+                min_ssim=head_guard(caching.min_ssim),
+                floor=floor,
+                warmup=round(min(caching.warmup + WARMUP_STEP, MAX_WARMUP), 6),
+            ),
+        )
     return None

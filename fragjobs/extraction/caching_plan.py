@@ -42,7 +42,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -73,6 +73,19 @@ def _check_below_one(value: Any, name: str) -> None:
         raise InvalidInputError(f"{name} must be a fraction in [0, 1), got {value!r}")
 
 
+def _floor_pairs(floor: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``floor`` as sorted ``(block, steps)`` tuples (JSON gives lists)."""
+    pairs = floor.items() if isinstance(floor, dict) else floor
+    try:
+        out = tuple(sorted((str(block), tuple(steps)) for block, steps in pairs))
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"floor must be (block, steps) pairs, got {floor!r}") from None
+    for block, steps in out:
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in steps):
+            raise InvalidInputError(f"floor of {block}: steps must be step indices, got {steps!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class BlockCachingConfig:
     """How a schedule is searched for.
@@ -96,6 +109,10 @@ class BlockCachingConfig:
             difference is stable (accumulated change within the candidate's ``delta``).
         probe: recompute every block when a sample's first down block moves more than the
             profiling seeds did (by :data:`PROBE_SLACK` over the worst of them).
+        floor: ``(block, steps)`` pairs each block recomputes at least: the schedule of a
+            fragment that failed its gate (the gate ladder), so that every candidate is a
+            planned schedule united with it and computes more than the one that failed
+            (:func:`candidate_schedules`). Empty: none.
 
     The three switches are off by default because they did not measure better on the
     ``shapes`` model (two prompts outside the results page, 16 unseen seeds each, 20 steps):
@@ -115,8 +132,10 @@ class BlockCachingConfig:
     forecast: bool = False
     cfg_reuse: bool = False
     probe: bool = False
+    floor: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "floor", _floor_pairs(self.floor))
         for name in _SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(
@@ -136,6 +155,8 @@ class BlockCachingConfig:
         for name in _SWITCHES:
             if not out[name]:
                 del out[name]
+        if not self.floor:
+            del out["floor"]
         return out
 
     def warmup_steps(self, steps: int) -> int:
@@ -178,17 +199,24 @@ def plan_block_caching(
         level_steps[level] = tuple(chosen)
         allowed = chosen
     recompute = {block: level_steps[level] for block, level in levels.items()}
-    total = sum(block_time_ms.get(b, 1.0) for b in recompute) or 1.0
-    cost = sum(block_time_ms.get(b, 1.0) * len(s) / steps for b, s in recompute.items()) / total
     return CachingSchedule(
         steps,
         recompute,
         delta,
-        round(cost, 6),
+        _estimated_cost(recompute, block_time_ms, steps),
         dict(block_time_ms),
         shallow_delta=shallow_delta,
         warmup_steps=warmup_steps,
     )
+
+
+def _estimated_cost(
+    recompute: dict[str, tuple[int, ...]], block_time_ms: dict[str, float], steps: int
+) -> float:
+    """Fraction of the block time spent recomputing ``recompute``, from profiled times."""
+    total = sum(block_time_ms.get(b, 1.0) for b in recompute) or 1.0
+    spent = sum(block_time_ms.get(b, 1.0) * len(s) / steps for b, s in recompute.items())
+    return round(spent / total, 6)
 
 
 def _level_signal(block_change, levels, level) -> list[float]:
@@ -203,8 +231,16 @@ def candidate_schedules(
     steps: int,
     config: BlockCachingConfig,
 ) -> list[CachingSchedule]:
-    """Every distinct schedule of the config's budgets, cheapest (estimated) first."""
-    seen, out = set(), []
+    """Every distinct schedule of the config's budgets, cheapest (estimated) first.
+
+    With a ``config.floor``, each schedule is united with it (a block recomputes at the
+    steps of either; the union of two nested schedules is nested) and the floor itself is
+    left out: every candidate computes more than the schedule that failed.
+    """
+    floor = dict(config.floor)
+    if any(t >= steps for s in floor.values() for t in s):
+        raise InvalidInputError(f"floor {config.floor!r} names steps beyond {steps} steps")
+    seen, out = {tuple(sorted(floor.items()))} if floor else set(), []
     for shallow in config.shallow_deltas:
         for delta in config.deltas:
             schedule = plan_block_caching(
@@ -215,11 +251,23 @@ def candidate_schedules(
                 shallow_delta=shallow,
                 warmup_steps=config.warmup_steps(steps),
             )
+            if floor:
+                schedule = _united(schedule, floor)
             signature = tuple(sorted(schedule.recompute.items()))
             if signature not in seen:
                 seen.add(signature)
                 out.append(schedule)
     return sorted(out, key=lambda s: (s.estimated_cost, s.delta))
+
+
+def _united(schedule: CachingSchedule, floor: dict[str, tuple[int, ...]]) -> CachingSchedule:
+    """``schedule`` recomputing every block also at its ``floor`` steps."""
+    recompute = {
+        block: tuple(sorted(set(steps) | set(floor.get(block, ()))))
+        for block, steps in schedule.recompute.items()
+    }
+    cost = _estimated_cost(recompute, schedule.block_time_ms, schedule.steps)
+    return replace(schedule, recompute=recompute, estimated_cost=cost)
 
 
 def plan_cfg_steps(

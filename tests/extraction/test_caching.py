@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -147,3 +148,33 @@ def test_schedule_round_trips_through_the_manifest_layer():
     off = routing_layer(None, [{"delta": 0.1}], config)
     assert not off.enabled and "SSIM >= 0.9" in off.reason
     assert caching_schedule(FragmentManifest.model_construct(dynamic_routing=off)) is None
+
+
+def test_candidates_above_a_floor_each_compute_more_than_it():
+    changes = _changes(
+        [0.3, 0.2, 0.1, 0.1, 0.05], [0.4, 0.2, 0.2, 0.1, 0.1], [0.5, 0.1] + [0.1] * 3
+    )
+    times = {name: float(i + 1) for i, name in enumerate(changes)}
+    free = candidate_schedules(changes, times, 6, BlockCachingConfig())
+    failed = free[len(free) // 2]
+    config = BlockCachingConfig(floor=tuple(failed.recompute.items()))
+    found = candidate_schedules(changes, times, 6, config)
+    assert found and [s.estimated_cost for s in found] == sorted(s.estimated_cost for s in found)
+    signatures = [tuple(sorted(s.recompute.items())) for s in found]
+    assert tuple(sorted(failed.recompute.items())) not in signatures
+    assert len(set(signatures)) == len(found)
+    for schedule in found:
+        assert schedule.estimated_cost > failed.estimated_cost
+        for block, steps in failed.recompute.items():
+            assert set(steps) <= set(schedule.recompute[block])
+        rec = schedule.recompute  # still nested: a deeper level runs only where shallower do
+        assert set(rec["down_blocks.2"]) <= set(rec["down_blocks.1"]) <= set(rec["down_blocks.0"])
+    # the floor is part of the key's params only when set, and survives JSON
+    assert "floor" not in BlockCachingConfig().params()
+    again = BlockCachingConfig(floor=json.loads(json.dumps(config.params()))["floor"])
+    assert again.floor == config.floor
+    with pytest.raises(InvalidInputError, match="beyond 6 steps"):
+        candidate_schedules(changes, times, 6, BlockCachingConfig(floor={"mid_block": (0, 6)}))
+    for bad in ({"mid_block": (0, -1)}, {"mid_block": ("x",)}, ("mid_block",)):
+        with pytest.raises(InvalidInputError, match="floor"):
+            BlockCachingConfig(floor=bad)
