@@ -108,10 +108,11 @@ def search_block_caching(
 
     The candidates (every budget pair, sorted by the cost estimated from profiled block
     times) are bisected: a candidate passes when the worst profiling seed keeps
-    ``config.min_ssim``. A pass rules out every costlier candidate; a failure rules out the
-    candidates that recompute no more than it did (fidelity is not monotone in cost across
-    levels, so cheaper candidates with other recompute steps stay open) and, with it, the
-    candidates estimated within ``config.cost_tolerance`` of it. At most
+    ``config.min_ssim``. A pass rules out every costlier candidate and, with it, the
+    candidates estimated within ``config.cost_tolerance`` of it; a failure rules out the
+    candidates that recompute no more than it did and those whose budgets are at least its
+    at every level (fidelity is not monotone in cost across levels, so cheaper candidates
+    with tighter budgets stay open). At most
     ``config.max_trials`` are generated; the cheapest that passed is kept, with the forecast
     orders, CFG steps and probe it was tried with. The full model's images are
     ``reference``, else the profile's own final latents decoded (generated again only when
@@ -170,12 +171,28 @@ def search_block_caching(
             open_ = [i for i in open_ if i < index and candidates[i].estimated_cost < limit]
         else:  # a schedule computing no more than a failed one fails too
             failed = candidates[index]
-            open_ = [i for i in open_ if i != index and not _within(candidates[i], failed)]
+            open_ = [
+                i
+                for i in open_
+                if i != index
+                and not _within(candidates[i], failed)
+                and not _looser(candidates[i], failed)
+            ]
     if best is None:
         remove_block_caching(unet)
         return None, rows
     apply_block_caching(unet, tried[best])
     return tried[best], rows
+
+
+def _looser(schedule: CachingSchedule, other: CachingSchedule) -> bool:
+    """Whether ``schedule``'s budgets are at least ``other``'s at every level (a shallow
+    budget of None, computed every step, is the strictest): it lets every level drift as far
+    before recomputing, so where ``other`` lost too much it does too. Fidelity is not
+    monotone in the estimated cost (a costly candidate with loose deep budgets fails where a
+    cheap one with tight budgets passes), but it is in the budgets."""
+    shallow = schedule.shallow_delta or 0.0
+    return schedule.delta >= other.delta and shallow >= (other.shallow_delta or 0.0)
 
 
 def _within(schedule: CachingSchedule, other: CachingSchedule) -> bool:

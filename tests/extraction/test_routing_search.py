@@ -6,6 +6,7 @@ import copy
 
 import pytest
 
+from fragjobs.base_models import load_base
 from fragjobs.extraction.caching import BlockCachingConfig, remove_block_caching, routing_layer
 from fragjobs.extraction.caching import search_block_caching as search
 from fragjobs.profiling import ProfileConfig, profile_prompt
@@ -49,3 +50,31 @@ def test_the_switched_on_parts_are_searched_and_recorded(tiny_pipe, tiny_profile
     assert layer.probe_margin == schedule.probe_margin
     assert (layer.cfg_steps or []) == list(schedule.cfg_steps)
     remove_block_caching(unet)
+
+
+def test_after_a_failure_no_looser_candidate_is_tried():
+    """Budgets at least a failed candidate's at every level let each level drift as far:
+    the search spends no trial on them, whatever their estimated cost. On the trained
+    shapes model at a high fidelity, the trials this saves find a schedule (a search
+    without this rule tried looser candidates, ran out of trials and kept none)."""
+    pipe = load_base("shapes").pipe
+    pipe.set_progress_bar_config(disable=True)
+    profile = profile_prompt(
+        pipe,
+        "a small blue cross on the right over a white background",
+        ProfileConfig(seeds=(0, 1), steps=12, guidance_scale=7.5, height=64, width=64),
+        progress=False,
+    )
+    config = BlockCachingConfig(min_ssim=0.9995)
+    schedule, rows = search(pipe, pipe.unet, profile, config, height=64, width=64)
+    failed = []
+    for row in rows:
+        for earlier in failed:
+            looser = row["delta"] >= earlier["delta"] and (row["shallow_delta"] or 0.0) >= (
+                earlier["shallow_delta"] or 0.0
+            )
+            assert not looser, (row, earlier)
+        if row["ssim_min"] < config.min_ssim:
+            failed.append(row)
+    assert failed and schedule is not None
+    remove_block_caching(pipe.unet)
