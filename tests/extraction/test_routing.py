@@ -156,9 +156,12 @@ def test_switches_off_keep_the_key_params_of_before():
 
     off = BlockCachingConfig()
     assert (off.forecast, off.cfg_reuse, off.probe) == (False, False, False)
-    assert off.params() == {k: v for k, v in asdict(off).items() if k not in SWITCHES}
+    before = {k: v for k, v in asdict(off).items() if k not in (*SWITCHES, "floor")}
+    assert off.params() == before  # nor does an empty floor (the gate ladder's) change it
     on = BlockCachingConfig(forecast=True, probe=True)
     assert on.params()["forecast"] is True and "cfg_reuse" not in on.params()
+    floored = BlockCachingConfig(floor={"mid_block": [0, 3]})
+    assert floored.params()["floor"] == (("mid_block", (0, 3)),)
 
 
 SWITCHES = ("forecast", "cfg_reuse", "probe")
