@@ -26,7 +26,7 @@ from fragjobs.chain.extract_step import ExtractResult, extract
 from fragjobs.chain.knobs import DEFAULT_VALIDATION_SEEDS, head_guard
 from fragjobs.chain.validate_step import ValidationResult, gate_figures, gate_reason, validate
 from fragjobs.chain.workspaces import Workspace, workspace
-from fragjobs.extraction import ExtractionConfig, HeadSelectionConfig
+from fragjobs.extraction import ExtractionConfig, HeadSelectionConfig, caching_schedule
 from fragjobs.manifest import FragmentManifest
 
 log = logging.getLogger("fragjobs")
@@ -126,15 +126,14 @@ def conservative_config(
             config,
             heads=HeadSelectionConfig(1.0, heads.min_heads_per_layer, heads.rank_margin),
         )
-    caching, routing = config.caching, manifest.dynamic_routing
-    if routing.enabled and caching is not None and caching.min_ssim < 1.0:
-        floor = tuple((block, tuple(steps)) for block, steps in (routing.schedule or {}).items())
+    caching, failed = config.caching, caching_schedule(manifest)
+    if failed is not None and caching is not None and caching.min_ssim < 1.0:
         return replace(
             config,
             caching=replace(
                 caching,
                 min_ssim=head_guard(caching.min_ssim),
-                floor=floor,
+                floor=tuple(failed.recompute.items()),
                 warmup=round(min(caching.warmup + WARMUP_STEP, MAX_WARMUP), 6),
             ),
         )
